@@ -117,17 +117,22 @@ class FakeUser:
 
 @dataclass
 class Faults:
-    """Switches that make the portal misbehave; rates are per-request probabilities 0..1."""
+    """Switches that make the portal misbehave, applied to each HTTP request before handling.
 
-    latency: float = 0.0
-    http_500_rate: float = 0.0
-    malformed_json_rate: float = 0.0
-    html_502_rate: float = 0.0
-    hang_rate: float = 0.0
+    Rates are probabilities 0..1 drawn from the portal's seeded RNG in a fixed order (500,
+    malformed JSON, HTML 502, hang, reset), so a seed replays the same sequence of faults.
+    Change them at any time, also while the portal is serving.
+    """
+
+    latency: float = 0.0  # seconds added to every request
+    http_500_rate: float = 0.0  # 500 INTERNAL_SERVER_ERROR
+    malformed_json_rate: float = 0.0  # 200 with a truncated JSON body
+    html_502_rate: float = 0.0  # 502 nginx HTML page, text/html
+    hang_rate: float = 0.0  # wait `hang_seconds`, then answer normally
     hang_seconds: float = 60.0
-    reset_rate: float = 0.0
-    query_limit_burst: int = 0
-    operation_time_limit: bool = False
+    reset_rate: float = 0.0  # abort the connection without a response
+    query_limit_burst: int = 0  # the next N requests get 503 QUERY_LIMIT_EXCEEDED
+    operation_time_limit: bool = False  # every limited method call gets 429
 
 
 @dataclass(frozen=True)
@@ -232,7 +237,15 @@ _Handler = Callable[[Credential, dict[str, Any]], _Result]
 
 
 class FakePortal:
-    """One fake Bitrix24 portal: its users, webhooks, counters, limits and faults."""
+    """One fake Bitrix24 portal: its users, webhooks, counters, limits and faults.
+
+    `requests_per_second`/`burst` set the portal's leaky bucket (None: no rate limit).
+    `operating_limit` seconds per `operating_window` is the budget per credential and method
+    (None: no limiter and no `operating` fields, like a self-hosted portal); every limited
+    call costs `operating_cost` seconds, without sleeping. `legacy_counters` switches
+    `tasks.task.counters.get` to the pre-20.800 names. `seed` drives faults and default
+    counters. The constructor arguments stay public attributes and can be changed later.
+    """
 
     def __init__(
         self,
@@ -384,7 +397,8 @@ class FakePortal:
         )
         reply = await self._respond(request, method, params)
         if reply is None:
-            # A transport abort gives the client a reset connection and no response at all.
+            # Abort, then end the handler without a response: aiohttp drops the connection
+            # quietly, and the client sees a disconnect instead of any status.
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError
