@@ -305,7 +305,7 @@ def _check_webhook_url(value: str) -> tuple[str | None, str]:
     """The normalised webhook URL, or None and the problem (which never quotes the URL)."""
     text = value.strip()
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not text.lower().startswith(parts.scheme):
+    if parts.scheme not in ("http", "https"):
         return None, f"must start with http:// or https:// ({_WEBHOOK_FORM})"
     if not parts.hostname:
         return None, f"must include a host ({_WEBHOOK_FORM})"
@@ -506,7 +506,7 @@ _ValueParser = Callable[[_Loc, object], object]
 
 
 class _Parser:
-    """One run of parse_config: the problems found so far and where relative paths start."""
+    """One run of parse_config: the environment it expands from and the problems found so far."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ

@@ -1,0 +1,620 @@
+"""Talking to Bitrix24: URLs, credentials, JSON POST, `batch`, the rate limit, retries.
+
+One `BitrixClient` per credential; the clients of one portal share a `PortalThrottle`
+(Bitrix24 counts requests per portal and source address, whichever credential sends them)
+and a `ClientStats`. Every failure becomes a `BitrixError` that names the portal, the
+method, the HTTP status and the Bitrix error code, and never the webhook secret.
+
+Two limits are enforced on the client side so the portal never has to:
+- the leaky bucket (`rate_limit`): an `aiolimiter.AsyncLimiter` whose capacity and drain
+  rate are the portal's burst and requests per second;
+- the per-method operating budget (`operating_limit` seconds of execution time per
+  10 minutes): `OperatingBudget` remembers `time.operating` and `operating_reset_at` from
+  each response and holds a method back before it would cross the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import aiohttp
+
+from exporter import __version__
+from exporter.metrics import DURATION_BUCKETS
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 50
+
+# Errors that a retry cannot fix: credentials, scopes, plan, arguments, missing methods.
+AUTH_ERRORS = frozenset(
+    {
+        "NO_AUTH_FOUND",
+        "INVALID_CREDENTIALS",
+        "insufficient_scope",
+        "expired_token",
+        "invalid_token",
+        "ACCESS_DENIED",
+        "user_access_error",
+        "authorization_error",
+        "APPLICATION_NOT_FOUND",
+        "METHOD_CONFIRM_WAITING",
+        "METHOD_CONFIRM_DENIED",
+        "WRONG_AUTH_TYPE",
+        "WRONG_LICENSE",
+        "PORTAL_DELETED",
+        "INVALID_REQUEST",
+        "OVERLOAD_LIMIT",
+        "invalid_grant",
+        "invalid_client",
+    }
+)
+# Transient server-side errors, worth a few more tries.
+RETRYABLE_ERRORS = frozenset(
+    {
+        "INTERNAL_SERVER_ERROR",
+        "ERROR_UNEXPECTED_ANSWER",
+        "CONNECTION_ERROR",
+        "QUERY_LIMIT_EXCEEDED",
+        # Pseudo-codes for failures below the Bitrix error layer.
+        "timeout",
+        "connection",
+        "invalid_response",
+    }
+)
+
+
+class BitrixError(Exception):
+    """A failed call: portal, method, HTTP status (None without a response) and error code."""
+
+    def __init__(
+        self, portal: str, method: str, error: str, description: str = "", status: int | None = None
+    ) -> None:
+        self.portal = portal
+        self.method = method
+        self.error = error
+        self.description = description
+        self.status = status
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f"HTTP {self.status}" if self.status is not None else "no response"
+        text = f": {self.description}" if self.description else ""
+        return f"portal {self.portal}: {self.method}: {self.error}{text} ({where})"
+
+    @property
+    def is_auth(self) -> bool:
+        """The credential itself was refused; the portal counts as down."""
+        return self.error in AUTH_ERRORS
+
+    @property
+    def retryable(self) -> bool:
+        return self.error in RETRYABLE_ERRORS or (
+            self.status is not None and self.status >= 500 and self.error not in AUTH_ERRORS
+        )
+
+
+class Credential(Protocol):
+    """How requests of one credential are addressed and authenticated."""
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Strings that must never appear in logs, errors or responses."""
+        ...
+
+    async def target(
+        self, session: aiohttp.ClientSession, method: str
+    ) -> tuple[str, dict[str, str]]:
+        """The URL for `method` and the extra JSON parameters (an access token) to send."""
+        ...
+
+    async def refresh(self, session: aiohttp.ClientSession) -> bool:
+        """Called after `expired_token`; True if a retry may now succeed."""
+        ...
+
+
+@dataclass(frozen=True)
+class WebhookCredential:
+    """An inbound webhook: the secret is part of the URL path."""
+
+    url: str  # always ends with "/"
+    secret: str
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return (self.secret,)
+
+    async def target(
+        self, session: aiohttp.ClientSession, method: str
+    ) -> tuple[str, dict[str, str]]:
+        return self.url + method, {}
+
+    async def refresh(self, session: aiohttp.ClientSession) -> bool:
+        return False
+
+
+@dataclass
+class ClientStats:
+    """The exporter's own instrumentation of its calls to one portal."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    duration_buckets: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    duration_sum: float = 0.0
+    duration_count: int = 0
+    rate_limit_wait: float = 0.0
+    operating: dict[str, float] = field(default_factory=dict)
+
+    def observe_duration(self, seconds: float) -> None:
+        self.duration_sum += seconds
+        self.duration_count += 1
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.duration_buckets[i] += 1
+                break
+
+
+class PortalThrottle:
+    """The client side of the portal's leaky bucket, shared by every credential of a portal."""
+
+    def __init__(self, requests_per_second: float, burst: int, stats: ClientStats) -> None:
+        from aiolimiter import AsyncLimiter
+
+        # Requests leave here a little before the portal sees them; bunched arrivals could
+        # otherwise tip a full bucket by one, so keep one slot of headroom.
+        capacity = max(1, burst - 1) if burst > 2 else burst
+        self.requests_per_second = requests_per_second
+        self.burst = burst
+        self._limiter = AsyncLimiter(capacity, capacity / requests_per_second)
+        self._paused_until = 0.0
+        self._stats = stats
+
+    async def acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # The pause end can move later while we sleep, hence a loop rather than one Event.
+        while (delay := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+        await self._limiter.acquire()
+        self._stats.rate_limit_wait += loop.time() - started
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request of the portal back (after QUERY_LIMIT_EXCEEDED)."""
+        now = asyncio.get_running_loop().time()
+        self._paused_until = max(self._paused_until, now + seconds)
+
+
+@dataclass
+class _MethodBudget:
+    operating: float = 0.0
+    reset_at: float = 0.0  # unix time when the oldest one-minute bucket expires
+    cost: float | None = None  # execution seconds of one call, once seen
+    reserved: float = 0.0  # estimated cost of calls in flight
+    in_flight: int = 0
+    known: bool = True  # False after a reset passed: the next response tells the new value
+    paused_until: float = 0.0  # unix time
+
+
+class OperatingBudget:
+    """Keeps each method under the portal's operating limit (seconds per 10 minutes)."""
+
+    # Estimates of per-call cost are rough; stay this far below the limit.
+    HEADROOM = 0.05
+
+    def __init__(self, limit: float, *, clock: Callable[[], float] = time.time) -> None:
+        self.limit = limit
+        self._methods: dict[str, _MethodBudget] = {}
+        self._clock = clock
+
+    def operating(self, method: str) -> float | None:
+        budget = self._methods.get(method)
+        return None if budget is None else budget.operating
+
+    def cost_of(self, method: str) -> float | None:
+        budget = self._methods.get(method)
+        return None if budget is None else budget.cost
+
+    def _budget(self, method: str) -> _MethodBudget:
+        return self._methods.setdefault(method, _MethodBudget())
+
+    def calls_that_fit(self, method: str, wanted: int) -> tuple[int, float]:
+        """How many of `wanted` calls may start now, or (0, seconds to wait)."""
+        budget = self._budget(method)
+        now = self._clock()
+        if budget.paused_until > now:
+            return 0, budget.paused_until - now
+        if not budget.known and budget.reset_at > now:
+            return 0, budget.reset_at - now + 1.0
+        if budget.reset_at and now >= budget.reset_at and budget.operating > 0:
+            # The oldest bucket expired: the total dropped by an amount only the portal knows.
+            budget.known = False
+        if budget.cost is None or not budget.known:
+            # Learn the cost (or the new total) from one call before sending more.
+            return (min(wanted, MAX_BATCH), 0.0) if budget.in_flight == 0 else (0, 0.5)
+        room = self.limit * (1 - self.HEADROOM) - budget.operating - budget.reserved
+        fit = wanted if budget.cost <= 0 else min(wanted, int(room // budget.cost))
+        if fit > 0:
+            return fit, 0.0
+        if budget.in_flight:
+            return 0, 0.5
+        wait = max(budget.reset_at - now, 0.0) + 1.0
+        budget.known = False
+        return 0, wait
+
+    def reserve(self, method: str, calls: int) -> float:
+        budget = self._budget(method)
+        estimate = calls * (budget.cost or 0.0)
+        budget.reserved += estimate
+        budget.in_flight += 1
+        return estimate
+
+    def release(self, method: str, estimate: float) -> None:
+        budget = self._budget(method)
+        budget.reserved = max(0.0, budget.reserved - estimate)
+        budget.in_flight = max(0, budget.in_flight - 1)
+
+    def record(self, method: str, time_block: object) -> None:
+        """Update from a response's `time` block (or a batch command's `result_time`)."""
+        if not isinstance(time_block, dict):
+            return
+        budget = self._budget(method)
+        duration = time_block.get("duration")
+        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+            budget.cost = duration if budget.cost is None else 0.8 * budget.cost + 0.2 * duration
+        operating = time_block.get("operating")
+        if isinstance(operating, int | float) and not isinstance(operating, bool):
+            budget.operating = float(operating)
+            budget.known = True
+        reset_at = time_block.get("operating_reset_at")
+        if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
+            budget.reset_at = float(reset_at)
+
+    def pause(self, method: str) -> float:
+        """After OPERATION_TIME_LIMIT: hold the method until its oldest bucket expires."""
+        budget = self._budget(method)
+        now = self._clock()
+        until = budget.reset_at + 1.0 if budget.reset_at > now else now + 60.0
+        budget.paused_until = max(budget.paused_until, until)
+        budget.known = False
+        return budget.paused_until - now
+
+
+@dataclass(frozen=True)
+class Command:
+    """One call inside a batch; `key` must not look like a number."""
+
+    key: str
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+def php_query(params: Mapping[str, Any]) -> str:
+    """Encode parameters as PHP's parse_str reads them (`FILTER[ACTIVE]=Y`, `ID[]=1`)."""
+    pairs: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{prefix}[{k}]", v)
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(f"{prefix}[]", v)
+        elif isinstance(value, bool):
+            # A query string has no booleans; PHP reads "false" as true.
+            pairs.append((prefix, "Y" if value else "N"))
+        elif value is None:
+            pairs.append((prefix, ""))
+        else:
+            pairs.append((prefix, str(value)))
+
+    for key, value in params.items():
+        walk(str(key), value)
+    return "&".join(f"{quote(k, safe='[]')}={quote(v, safe='')}" for k, v in pairs)
+
+
+@dataclass
+class CallResult:
+    """A successful single call."""
+
+    result: Any
+    total: int | None = None
+    next: int | None = None
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class BitrixClient:
+    """Calls Bitrix24 REST methods with one credential, within the portal's limits."""
+
+    def __init__(
+        self,
+        portal: str,
+        credential: Credential,
+        session: aiohttp.ClientSession,
+        *,
+        throttle: PortalThrottle,
+        budget: OperatingBudget,
+        stats: ClientStats,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        retry_base: float = 0.5,
+        retry_cap: float = 10.0,
+        concurrency: int = 4,
+    ) -> None:
+        self.portal = portal
+        self.credential = credential
+        self._session = session
+        self.throttle = throttle
+        self.budget = budget
+        self.stats = stats
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._max_retries = max_retries
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._concurrency = asyncio.Semaphore(concurrency)
+        self._random = random.Random()
+
+    # -- public API -------------------------------------------------------------
+
+    async def call(self, method: str, params: Mapping[str, Any] | None = None) -> CallResult:
+        """One method call; raises BitrixError."""
+        body = await self._send(method, dict(params or {}), {method: 1})
+        self.budget.record(method, body.get("time"))
+        self._note_operating(method)
+        return CallResult(
+            result=body.get("result"),
+            total=_int_or_none(body.get("total")),
+            next=_int_or_none(body.get("next")),
+        )
+
+    async def batch(self, commands: Sequence[Command]) -> dict[str, Any | BitrixError]:
+        """Run any number of commands in as few `batch` requests as the limits allow.
+
+        Returns each command's `result`, or the `BitrixError` it ended with. Requests run
+        concurrently (bounded); chunks hold at most 50 commands and no more calls of a method
+        than its operating budget has room for.
+        """
+        outcome: dict[str, Any | BitrixError] = {}
+        pending = list(commands)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while pending or tasks:
+                chunk, wait = self._next_chunk(pending)
+                if chunk:
+                    reservations = self._reserve(chunk)
+                    tasks.add(asyncio.create_task(self._run_chunk(chunk, reservations, outcome)))
+                    continue
+                if tasks:
+                    done, _ = await asyncio.wait(
+                        tasks, timeout=wait or None, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in done:
+                        tasks.discard(task)
+                        task.result()
+                elif wait > 0:
+                    await asyncio.sleep(wait)
+        finally:
+            for task in tasks:
+                task.cancel()
+        return outcome
+
+    # -- batching ---------------------------------------------------------------
+
+    def _next_chunk(self, pending: list[Command]) -> tuple[list[Command], float]:
+        """Take the next chunk off `pending`, or return how long to wait for budget."""
+        if not pending:
+            return [], 0.0
+        chunk: list[Command] = []
+        allowed: dict[str, int] = {}
+        shortest_wait = 0.0
+        rest: list[Command] = []
+        for command in pending:
+            if len(chunk) >= MAX_BATCH:
+                rest.append(command)
+                continue
+            if command.method not in allowed:
+                wanted = sum(1 for c in pending if c.method == command.method)
+                fit, wait = self.budget.calls_that_fit(command.method, min(wanted, MAX_BATCH))
+                allowed[command.method] = fit
+                if fit == 0:
+                    shortest_wait = wait if shortest_wait == 0 else min(shortest_wait, wait)
+            if allowed[command.method] > 0:
+                allowed[command.method] -= 1
+                chunk.append(command)
+            else:
+                rest.append(command)
+        pending[:] = rest
+        return chunk, (0.0 if chunk else max(shortest_wait, 0.05))
+
+    def _reserve(self, chunk: list[Command]) -> dict[str, float]:
+        calls = Counter(c.method for c in chunk)
+        return {method: self.budget.reserve(method, n) for method, n in calls.items()}
+
+    async def _run_chunk(
+        self,
+        chunk: list[Command],
+        reservations: dict[str, float],
+        outcome: dict[str, Any | BitrixError],
+    ) -> None:
+        try:
+            async with self._concurrency:
+                results = await self._batch_request(chunk)
+        finally:
+            for method, estimate in reservations.items():
+                self.budget.release(method, estimate)
+        outcome.update(results)
+
+    async def _batch_request(self, chunk: list[Command]) -> dict[str, Any | BitrixError]:
+        calls = dict(Counter(c.method for c in chunk))
+        payload = {
+            "halt": 0,
+            "cmd": {
+                c.key: f"{c.method}?{php_query(c.params)}" if c.params else c.method for c in chunk
+            },
+        }
+        try:
+            body = await self._send("batch", payload, calls)
+        except BitrixError as failure:
+            return {c.key: failure for c in chunk}
+        sections = body.get("result")
+        if not isinstance(sections, dict):
+            error = BitrixError(
+                self.portal, "batch", "invalid_response", "result is not an object", 200
+            )
+            self.stats.errors["batch", error.error] += 1
+            return {c.key: error for c in chunk}
+        results = _section(sections, "result")
+        errors = _section(sections, "result_error")
+        times = _section(sections, "result_time")
+        outcome: dict[str, Any | BitrixError] = {}
+        for command in chunk:
+            self.budget.record(command.method, times.get(command.key))
+            if command.key in errors:
+                outcome[command.key] = self._command_error(command, errors[command.key])
+            elif command.key in results:
+                outcome[command.key] = results[command.key]
+            else:
+                outcome[command.key] = BitrixError(
+                    self.portal,
+                    command.method,
+                    "invalid_response",
+                    "missing from batch result",
+                    200,
+                )
+        for method in calls:
+            self._note_operating(method)
+        return outcome
+
+    def _command_error(self, command: Command, raw: object) -> BitrixError:
+        code, description = "invalid_response", "unreadable error"
+        if isinstance(raw, dict):
+            code = str(raw.get("error", "")) or "unknown"
+            description = str(raw.get("error_description", ""))
+        error = BitrixError(self.portal, command.method, code, self._redact(description), 200)
+        self.stats.errors[command.method, code] += 1
+        if code == "OPERATION_TIME_LIMIT":
+            self.budget.pause(command.method)
+        return error
+
+    def _note_operating(self, method: str) -> None:
+        operating = self.budget.operating(method)
+        if operating is not None:
+            self.stats.operating[method] = operating
+
+    # -- one HTTP request, with retries -----------------------------------------
+
+    async def _send(
+        self, method: str, params: dict[str, Any], calls: Mapping[str, int]
+    ) -> dict[str, Any]:
+        """POST one request as JSON; retry what is transient; return the decoded body."""
+        refreshed = False
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(method, params)
+            except BitrixError as error:
+                if error.error in ("expired_token", "invalid_token") and not refreshed:
+                    refreshed = True
+                    if await self.credential.refresh(self._session):
+                        continue
+                if error.error == "OPERATION_TIME_LIMIT":
+                    for name in calls:
+                        self.budget.pause(name)
+                    raise
+                if not error.retryable or attempt >= self._max_retries:
+                    raise
+                delay = min(self._retry_cap, self._retry_base * 2**attempt)
+                delay *= 0.5 + self._random.random() / 2  # jitter: 50-100 %
+                if error.error == "QUERY_LIMIT_EXCEEDED":
+                    # Someone else drains the same bucket: give it time to leak.
+                    self.throttle.pause(max(delay, 1.0 / self.throttle.requests_per_second))
+                log.debug("%s; retry %d in %.2fs", error, attempt + 1, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def _attempt(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        await self.throttle.acquire()
+        url, extra = await self.credential.target(self._session, method)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status: int | None = None
+        code: str
+        try:
+            async with self._session.post(
+                url,
+                json={**params, **extra},
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+                allow_redirects=True,
+            ) as response:
+                status = response.status
+                code = str(status)
+                raw = await response.read()
+        except TimeoutError:
+            code = "timeout"
+            raise self._fail(
+                method, "timeout", "no answer within the request timeout", None
+            ) from None
+        except aiohttp.ClientError as exc:
+            code = "connection"
+            reason = self._redact(f"{type(exc).__name__}: {exc}")
+            raise self._fail(method, "connection", reason, None) from None
+        finally:
+            self.stats.observe_duration(loop.time() - started)
+            self.stats.requests[method, code] += 1
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise self._fail(method, "invalid_response", "body is not JSON", status) from None
+        if not isinstance(body, dict):
+            raise self._fail(method, "invalid_response", "body is not a JSON object", status)
+        if "error" in body:
+            description = body.get("error_description", "")
+            raise self._fail(method, str(body["error"]), self._redact(str(description)), status)
+        if status >= 400:
+            raise self._fail(
+                method, "invalid_response", "error status without an error body", status
+            )
+        return body
+
+    def _fail(self, method: str, error: str, description: str, status: int | None) -> BitrixError:
+        self.stats.errors[method, error] += 1
+        return BitrixError(self.portal, method, error, description, status)
+
+    def _redact(self, text: str) -> str:
+        for secret in self.credential.secrets:
+            if secret:
+                text = text.replace(secret, "<secret>")
+        return text
+
+
+def _section(sections: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = sections.get(name)
+    # PHP sends an empty section as [] and numeric keys as a list; the exporter's keys are
+    # never numeric, so a list here can only be empty.
+    return value if isinstance(value, dict) else {}
+
+
+def user_agent() -> str:
+    return f"bitrix24-exporter/{__version__}"
+
+
+def new_session(*, limit: int = 100) -> aiohttp.ClientSession:
+    """The process-wide HTTP session: keep-alive, bounded connections, our User-Agent."""
+    connector = aiohttp.TCPConnector(limit=limit, limit_per_host=16, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent()})
+
+
+def all_secrets(credentials: Iterable[Credential]) -> set[str]:
+    return {s for c in credentials for s in c.secrets if s}

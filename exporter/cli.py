@@ -1,0 +1,241 @@
+"""Command line: flags and wiring only.
+
+    bitrix24-exporter --config config.yaml [--listen-address HOST:PORT] [--once] ...
+    bitrix24-exporter demo [--listen-address HOST:PORT] [--users N]
+
+A config error prints one line per problem and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import platform
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+
+from exporter import __version__
+from exporter.bitrix import new_session
+from exporter.config import (
+    Config,
+    ConfigError,
+    OAuthAuth,
+    WebhookAuth,
+    load_config,
+    parse_config,
+    parse_listen_address,
+)
+from exporter.logs import add_secrets, setup_logging
+from exporter.poller import PortalPoller, PortalSnapshot
+from exporter.render import ExporterInfo, Publisher
+from exporter.server import build_app
+
+log = logging.getLogger("exporter")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-exporter",
+        description="Prometheus exporter for Bitrix24 chat and task counters."
+        " Run `bitrix24-exporter demo` to try it against a built-in fake portal.",
+    )
+    parser.add_argument(
+        "--config",
+        "--config.file",
+        dest="config",
+        default="config.yaml",
+        help="path of the YAML config (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--listen-address",
+        "--web.listen-address",
+        dest="listen_address",
+        help="host:port to serve on (default: listen_address from the config)",
+    )
+    _common_flags(parser)
+    parser.add_argument(
+        "--check-config",
+        "--config.check",
+        dest="check_config",
+        action="store_true",
+        help="validate the config and exit 0 (valid) or 2 (invalid)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="run one poll cycle, print the exposition and exit (1 if a portal failed)",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"bitrix24-exporter {__version__} (Python {platform.python_version()})",
+    )
+    return parser
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level",
+        "--log.level",
+        dest="log_level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+    )
+    parser.add_argument(
+        "--log-format", "--log.format", dest="log_format", default="text", choices=["text", "json"]
+    )
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-exporter demo",
+        description="Run a fake Bitrix24 portal on 127.0.0.1 and the exporter pointed at it.",
+    )
+    parser.add_argument("--listen-address", dest="listen_address", default="127.0.0.1:9877")
+    parser.add_argument(
+        "--portal-address",
+        dest="portal_address",
+        default="127.0.0.1:0",
+        help="where the fake portal listens (port 0: any free port)",
+    )
+    parser.add_argument("--users", type=int, default=6, help="users on the fake portal")
+    parser.add_argument("--poll-interval", dest="poll_interval", default="10s")
+    _common_flags(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["demo"]:
+        return _demo(_demo_parser().parse_args(args_list[1:]))
+    args = _parser().parse_args(args_list)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+        listen = parse_listen_address(args.listen_address or config.listen_address)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as error:
+        print(f"--listen-address: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    add_secrets(*config_secrets(config))
+    if args.check_config:
+        print(f"{args.config}: OK, {len(config.portals)} portal(s)")
+        return 0
+    if args.once:
+        return asyncio.run(_once(config))
+    app = build_app(config, loader=partial(load_config, args.config))
+    _serve(app, listen)
+    return 0
+
+
+def config_secrets(config: Config) -> list[str]:
+    secrets: list[str] = []
+    for portal in config.portals:
+        auths: list[WebhookAuth | OAuthAuth] = [portal.auth, *portal.im.webhooks]
+        for auth in auths:
+            if isinstance(auth, WebhookAuth):
+                secrets.append(auth.secret)
+            else:
+                secrets += [auth.client_secret, auth.refresh_token or ""]
+    return secrets
+
+
+def _serve(app: web.Application, listen: tuple[str, int]) -> None:
+    host, port = listen
+    log.info("bitrix24-exporter %s listening on %s:%d", __version__, host or "*", port)
+    # run_app turns SIGINT and SIGTERM into a clean shutdown through the cleanup contexts.
+    web.run_app(
+        app, host=host or None, port=port, print=None, shutdown_timeout=5.0, access_log=None
+    )
+
+
+async def _once(config: Config) -> int:
+    """One cycle of every portal, the exposition on stdout; 1 if any portal failed."""
+    publisher = Publisher(ExporterInfo(poll_interval=config.poll_interval))
+    async with new_session() as session:
+        snapshots: list[PortalSnapshot] = []
+        pollers = [PortalPoller(p, config, session, snapshots.append) for p in config.portals]
+        for snapshot in await asyncio.gather(*(p.cycle() for p in pollers)):
+            publisher.publish(snapshot)
+    sys.stdout.buffer.write(publisher.render_now().text)
+    sys.stdout.flush()
+    failed = [s.name for s in publisher.snapshots.values() if not s.up]
+    if failed:
+        log.error("portals failed: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The fake portal and the exporter in one process, for a first look without Bitrix24."""
+    from exporter import fakeportal
+
+    setup_logging(args.log_level, args.log_format)
+    listen = parse_listen_address(args.listen_address)
+    portal_host, portal_port = parse_listen_address(args.portal_address)
+    portal_host = portal_host or "127.0.0.1"
+    portal_port = portal_port or _free_port(portal_host)
+    portal, path = fakeportal.demo_portal(users=args.users)
+    portal_url = f"http://{portal_host}:{portal_port}"
+    raw: dict[str, Any] = {
+        "poll_interval": args.poll_interval,
+        "portals": [
+            {
+                "name": "demo",
+                "webhook": portal_url + path,
+                "tasks": {"users": "all", "groups": [0, 7], "roles": list(fakeportal.ROLES)},
+                "im": {"enabled": True, "chats": True},
+            }
+        ],
+    }
+    config = parse_config(raw, source="<demo>")
+    add_secrets(*config_secrets(config))
+    app = build_app(config)
+
+    async def fake_portal(app: web.Application) -> AsyncIterator[None]:
+        runner, _ = await fakeportal.serve(portal, portal_host, portal_port)
+
+        async def drift() -> None:
+            import random
+
+            rnd = random.Random(7)
+            while True:
+                await asyncio.sleep(5)
+                portal.advance_counters(rnd)
+
+        task = asyncio.create_task(drift())
+        host, port = listen
+        shown = host or "127.0.0.1"
+        print(
+            f"Fake Bitrix24 portal: {portal_url}/ ({args.users} users)\n"
+            f"Exporter:             http://{shown}:{port}/\n"
+            f"Metrics:              http://{shown}:{port}/metrics\n"
+            "Press Ctrl+C to stop.",
+            flush=True,
+        )
+        yield
+        task.cancel()
+        await runner.cleanup()
+
+    # The fake portal must be up before the pollers start, and stop after them.
+    app.cleanup_ctx.insert(0, fake_portal)
+    _serve(app, listen)
+    return 0

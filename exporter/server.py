@@ -1,0 +1,194 @@
+"""The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/` and the exporter's lifecycle.
+
+`/metrics` hands out bytes the publisher rendered after the last poll cycle; no request
+here ever waits on Bitrix24 or renders metrics. A `cleanup_ctx` opens the HTTP session,
+starts the pollers and the publisher, and on shutdown stops polling, lets requests in
+flight finish for a few seconds and closes the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
+
+from exporter import __version__
+from exporter.bitrix import new_session
+from exporter.config import Config, ConfigError
+from exporter.render import ExporterInfo, Publisher
+from exporter.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+PUBLISHER = web.AppKey("publisher", Publisher)
+CONFIG = web.AppKey("config", Config)
+LOADER: web.AppKey[Callable[[], Config]] = web.AppKey("loader")
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Content negotiation as prometheus_client does it: OpenMetrics only when asked for."""
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media != "application/openmetrics-text":
+            continue
+        version = next((p.split("=", 1)[1] for p in params if p.startswith("version=")), "")
+        if version in ("", "0.0.1", "1.0.0"):
+            return True
+    return False
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    return any(part.split(";")[0].strip() == "gzip" for part in accept_encoding.split(","))
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    exposition = request.app[PUBLISHER].current
+    assert exposition is not None
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    if openmetrics:
+        body = exposition.openmetrics_gzip if gzipped else exposition.openmetrics
+        content_type = OM_CONTENT_TYPE
+    else:
+        body = exposition.text_gzip if gzipped else exposition.text
+        content_type = TEXT_CONTENT_TYPE
+    response = web.Response(
+        body=body, headers={"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+    )
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
+    return response
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz_handler(request: web.Request) -> web.Response:
+    ready, waiting = request.app[SUPERVISOR].ready()
+    if ready:
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text=f"waiting for the first cycle of: {', '.join(waiting)}\n")
+
+
+async def reload_config(app: web.Application) -> tuple[bool, str]:
+    """Re-read the config; a bad one keeps the running one and says why."""
+    if LOADER not in app:
+        return False, "reload is not available: the exporter was not started from a config file"
+    publisher = app[PUBLISHER]
+    loop = asyncio.get_running_loop()
+    try:
+        config = await loop.run_in_executor(None, app[LOADER])
+    except ConfigError as error:
+        publisher.info.reload_successful = False
+        publisher.touch()
+        for problem in error.problems:
+            log.error("reload failed, keeping the running config: %s", problem)
+        return False, str(error)
+    await app[SUPERVISOR].apply(config)
+    publisher.info.reload_successful = True
+    publisher.info.reload_timestamp = time.time()
+    publisher.touch()
+    log.info("config reloaded: %d portals", len(config.portals))
+    return True, f"reloaded: {len(config.portals)} portals"
+
+
+async def reload_handler(request: web.Request) -> web.Response:
+    ok, message = await reload_config(request.app)
+    return web.Response(status=200 if ok else 500, text=message + "\n")
+
+
+async def landing_handler(request: web.Request) -> web.Response:
+    supervisor = request.app[SUPERVISOR]
+    snapshots = request.app[PUBLISHER].snapshots
+    rows = []
+    for name in sorted(supervisor.pollers):
+        snap = snapshots.get(name)
+        if snap is None:
+            state, detail = "starting", "first cycle running"
+        else:
+            state = "up" if snap.up else "down"
+            ok = sum(1 for s in snap.statuses if s.success)
+            detail = f"{ok}/{len(snap.statuses)} fetches ok, cycle {snap.duration or 0:.1f}s"
+            if snap.error:
+                detail += f"; {snap.error}"
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{state}</td><td>{html.escape(detail)}</td></tr>"
+        )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>Bitrix24 exporter</title></head>
+<body><h1>Bitrix24 exporter</h1>
+<p>Version {html.escape(__version__)}. Counters are polled in the background every
+{supervisor.config.poll_interval:g}s; scrapes serve the last poll.</p>
+<ul><li><a href="metrics">Metrics</a></li><li><a href="healthz">Health</a></li>
+<li><a href="readyz">Readiness</a></li></ul>
+<table border="1" cellpadding="4"><tr><th>Portal</th><th>State</th><th>Last cycle</th></tr>
+{"".join(rows)}
+</table></body></html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def build_app(
+    config: Config,
+    *,
+    info: ExporterInfo | None = None,
+    loader: Callable[[], Config] | None = None,
+    middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = (),
+    shutdown_grace: float = 3.0,
+) -> web.Application:
+    """The exporter as an aiohttp application; polling starts with the app."""
+    app = web.Application(middlewares=list(middlewares))
+    app[CONFIG] = config
+    app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
+
+    if loader is not None:
+        app[LOADER] = loader
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        session = new_session()
+        publisher = app[PUBLISHER]
+        publisher.info.reload_timestamp = publisher.info.reload_timestamp or time.time()
+        supervisor = Supervisor(config, session, publisher)
+        app[SUPERVISOR] = supervisor
+        render_task = asyncio.create_task(publisher.run(), name="publisher")
+        supervisor.start()
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.create_task(reload_config(app))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await supervisor.stop(grace=shutdown_grace)
+            render_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await render_task
+            await session.close()
+            log.info("stopped")
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/", landing_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_get("/readyz", readyz_handler)
+    app.router.add_post("/-/reload", reload_handler)
+    return app
