@@ -1,6 +1,7 @@
 """Command line: flags and wiring only.
 
     bitrix24-exporter --config config.yaml [--listen-address HOST:PORT] [--once] ...
+    bitrix24-exporter --config config.yaml --shard-index I --shard-count N   (docs/sharding.md)
     bitrix24-exporter demo [--listen-address HOST:PORT] [--users N]
 
 A config error prints one line per problem and exits 2.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import platform
 import socket
 import sys
@@ -35,6 +37,7 @@ from exporter.logs import add_secrets, setup_logging
 from exporter.poller import PortalPoller, PortalSnapshot
 from exporter.render import ExporterInfo, Publisher
 from exporter.server import build_app
+from exporter.sharding import Shard, resolve_shard, select_portals
 
 log = logging.getLogger("exporter")
 
@@ -72,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
         "--once",
         action="store_true",
         help="run one poll cycle, print the exposition and exit (1 if a portal failed)",
+    )
+    parser.add_argument(
+        "--shard-index",
+        dest="shard_index",
+        type=int,
+        help="this replica's shard, 0 to count-1 (default: $BITRIX24_SHARD_INDEX, else the"
+        " ordinal N of a StatefulSet pod name NAME-N); see docs/sharding.md",
+    )
+    parser.add_argument(
+        "--shard-count",
+        dest="shard_count",
+        type=int,
+        help="number of replicas sharing the portals (default: $BITRIX24_SHARD_COUNT;"
+        " unset: no sharding, poll every portal)",
     )
     parser.add_argument(
         "--version",
@@ -119,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(args_list)
     setup_logging(args.log_level, args.log_format)
     try:
+        shard = resolve_shard(args.shard_index, args.shard_count, os.environ)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return EXIT_CONFIG
+    try:
         config = load_config(args.config)
         listen = parse_listen_address(args.listen_address or config.listen_address)
     except ConfigError as error:
@@ -129,14 +151,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--listen-address: {error}", file=sys.stderr)
         return EXIT_CONFIG
     add_secrets(*config_secrets(config))
+    mine = select_portals(config, shard)
     if args.check_config:
-        print(f"{args.config}: OK, {len(config.portals)} portal(s)")
+        share = "" if shard is None else f"; {shard} polls {len(mine.portals)} of them"
+        print(f"{args.config}: OK, {len(config.portals)} portal(s){share}")
         return 0
+    info = ExporterInfo(
+        poll_interval=config.poll_interval,
+        shard=None if shard is None else (shard.index, shard.count),
+    )
     if args.once:
-        return asyncio.run(_once(config))
-    app = build_app(config, loader=partial(load_config, args.config))
+        return asyncio.run(_once(mine, info))
+    app = build_app(mine, info=info, loader=partial(load_shard_config, args.config, shard))
     _serve(app, listen)
     return 0
+
+
+def load_shard_config(path: str, shard: Shard | None) -> Config:
+    """What a reload loads: the config at `path`, reduced to `shard`'s portals."""
+    config = load_config(path)
+    # Every portal's secrets, this shard's or not: a log line may still name any of them.
+    add_secrets(*config_secrets(config))
+    return select_portals(config, shard)
 
 
 def config_secrets(config: Config) -> list[str]:
@@ -160,9 +196,9 @@ def _serve(app: web.Application, listen: tuple[str, int]) -> None:
     )
 
 
-async def _once(config: Config) -> int:
+async def _once(config: Config, info: ExporterInfo | None = None) -> int:
     """One cycle of every portal, the exposition on stdout; 1 if any portal failed."""
-    publisher = Publisher(ExporterInfo(poll_interval=config.poll_interval))
+    publisher = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     async with new_session() as session:
         snapshots: list[PortalSnapshot] = []
         pollers = [PortalPoller(p, config, session, snapshots.append) for p in config.portals]
