@@ -722,7 +722,9 @@ async def serve(
     portal: FakePortal, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[web.AppRunner, str]:
     """Start the portal on a real socket; returns the runner (call `cleanup()`) and base URL."""
-    runner = web.AppRunner(portal.app, shutdown_timeout=5.0)
+    # No access log: the fake's request lines carry webhook secrets in their paths, and
+    # they are the portal's logs, not the exporter's.
+    runner = web.AppRunner(portal.app, shutdown_timeout=5.0, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

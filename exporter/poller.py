@@ -180,12 +180,15 @@ class PortalPoller:
     async def cycle(self, *, behind: float = 0.0) -> PortalSnapshot:
         """Run one poll cycle; never raises for anything Bitrix24 does."""
         started = time.monotonic()
-        up, error = False, None
+        up, error, code = False, None, ""
         fresh: dict[tuple[int, str], bool] = {}
         try:
-            up, error, fresh = await self._collect()
+            up, failure, fresh = await self._collect()
+            if failure is not None:
+                error, code = str(failure), failure.error
         except (BitrixError, PayloadError, NoAccess) as exc:
             error = str(exc)
+            code = exc.error if isinstance(exc, BitrixError) else type(exc).__name__
         except Exception as exc:  # a bug must not kill the loop; say it loudly instead
             log.exception("portal %s: poll cycle failed", self.portal.name)
             error = f"internal error: {type(exc).__name__}"
@@ -197,7 +200,8 @@ class PortalPoller:
             fresh = dict.fromkeys(self.watched, False)
         self.watched = set(fresh)
         if error:
-            self._say("portal", f"portal {self.portal.name}: {error}", logging.ERROR)
+            # Once per kind of failure: the method in the text changes from cycle to cycle.
+            self._say("portal", error, logging.ERROR, signature=code)
         else:
             self._resolve("portal", f"portal {self.portal.name}: poll succeeded again")
         self.cycles += 1
@@ -205,7 +209,7 @@ class PortalPoller:
 
     # -- one cycle --------------------------------------------------------------
 
-    async def _collect(self) -> tuple[bool, str | None, dict[tuple[int, str], bool]]:
+    async def _collect(self) -> tuple[bool, BitrixError | None, dict[tuple[int, str], bool]]:
         if self.profile is None:
             self.profile = parse_profile((await self.main.call("profile")).result)
             if self.profile.name:
@@ -223,6 +227,7 @@ class PortalPoller:
         now = self._clock()
         reached = not plan.commands
         auth_error: BitrixError | None = None
+        request_errors: list[BitrixError] = []
         fresh: dict[tuple[int, str], bool] = {}
         for command in plan.commands:
             user_id, source = plan.owner[command.key]
@@ -231,6 +236,8 @@ class PortalPoller:
             if isinstance(result, BitrixError):
                 if result.is_auth and auth_error is None:
                     auth_error = result
+                if result.method == "batch":
+                    request_errors.append(result)
                 if result.status is not None and result.status < 500 and not result.is_auth:
                     reached = True
             else:
@@ -247,10 +254,19 @@ class PortalPoller:
         self._check_budget(len(plan.commands))
         if auth_error is not None:
             self.profile = None  # learn it again once the credential works
-            return False, str(auth_error), fresh
+            return False, auth_error, fresh
         if not reached:
             first = next((r for r in outcome.values() if isinstance(r, BitrixError)), None)
-            return False, str(first) if first else "no response", fresh
+            return False, first or BitrixError(self.portal.name, "batch", "no response"), fresh
+        if request_errors:
+            self._say(
+                "requests",
+                f"{request_errors[0]} ({len(request_errors)} of {len(plan.commands)} commands"
+                " lost; they keep their last values until stale_after)",
+                signature=request_errors[0].error,
+            )
+        else:
+            self._resolve("requests", f"portal {self.portal.name}: batch requests succeed again")
         return True, None, fresh
 
     async def _task_users(self) -> list[int]:
@@ -347,6 +363,9 @@ class PortalPoller:
             else:
                 samples = im_counter_samples(name, user_id, result, chats=self.portal.im.chats)
         except (BitrixError, PayloadError, NoAccess) as exc:
+            self._expire(fetch, now)
+            if isinstance(exc, BitrixError) and exc.method == "batch":
+                return False  # the whole request failed: said once for the portal, not per user
             reason = exc.description if isinstance(exc, BitrixError) else str(exc)
             code = exc.error if isinstance(exc, BitrixError) else type(exc).__name__
             self._say(
@@ -354,7 +373,6 @@ class PortalPoller:
                 f"portal {name}: {command.method} for user {user_id}"
                 f" ({self._describe(command)}): {code}: {reason}",
             )
-            self._expire(fetch, now)
             return False
         self._resolve(
             command.key, f"portal {name}: {command.method} for user {user_id} works again"
@@ -435,10 +453,13 @@ class PortalPoller:
 
     # -- saying things once -----------------------------------------------------
 
-    def _say(self, key: str, message: str, level: int = logging.WARNING) -> None:
-        """Log a problem when it starts or changes, not every cycle."""
-        if self._said.get(key) != message:
-            self._said[key] = message
+    def _say(
+        self, key: str, message: str, level: int = logging.WARNING, *, signature: str | None = None
+    ) -> None:
+        """Log a problem when it starts or changes (by `signature`, or the text), not every cycle."""
+        mark = message if signature is None else signature
+        if self._said.get(key) != mark:
+            self._said[key] = mark
             log.log(level, "%s", message)
 
     def _resolve(self, key: str, message: str) -> None:
