@@ -456,7 +456,7 @@ class PortalPoller:
     def _say(
         self, key: str, message: str, level: int = logging.WARNING, *, signature: str | None = None
     ) -> None:
-        """Log a problem when it starts or changes (by `signature`, or the text), not every cycle."""
+        """Log a problem when it starts or changes (`signature`, else the text), not every cycle."""
         mark = message if signature is None else signature
         if self._said.get(key) != mark:
             self._said[key] = mark

@@ -209,7 +209,7 @@ async def test_revoked_webhook_is_down_with_one_log_line(
 async def test_no_permission_gives_failed_status_logged_once(
     served: Any, exporter_app: Any, log_text: Any
 ) -> None:
-    """`result: []` for another user (not an admin): no counter series, failed status, one log line."""
+    """`result: []` for another user: no counter series, a failed status, one log line."""
     portal = make_portal(2, admin=False)
     raw = portal_config(
         await served(portal), poll_interval="200ms", portal={"tasks": {"users": [1, 2]}}
@@ -391,7 +391,8 @@ async def test_check_config_exit_codes(exporter_process: Any) -> None:
     lines = bad.stderr().strip().splitlines()
     assert len(lines) == 2, lines
     assert lines[0].endswith(
-        "poll_interval: must be a duration like 500ms, 30s, 5m or 1h30m (a bare number is seconds), got 'soon'"
+        "poll_interval: must be a duration like 500ms, 30s, 5m or 1h30m"
+        " (a bare number is seconds), got 'soon'"
     )
     assert "portals[0].rate_limit" in lines[1]
     assert SECRET not in bad.stderr()
