@@ -40,6 +40,7 @@ from exporter.mapping import (
     parse_users,
     task_counter_samples,
 )
+from exporter.oauth import OAuthCredential
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +92,10 @@ class _Plan:
     owner: dict[str, tuple[int, str]] = field(default_factory=dict)  # key -> (user_id, source)
 
 
-def credential_for(auth: WebhookAuth | OAuthAuth) -> Credential:
+def credential_for(auth: WebhookAuth | OAuthAuth, portal: str) -> Credential:
     if isinstance(auth, WebhookAuth):
         return WebhookCredential(url=auth.url, secret=auth.secret)
-    raise NotImplementedError("OAuth credentials are not supported yet")
+    return OAuthCredential(portal, auth)
 
 
 def copy_stats(stats: ClientStats) -> ClientStats:
@@ -143,8 +144,8 @@ class PortalPoller:
                 retry_base=retry_base,
             )
 
-        self.main = client(credential_for(portal.auth))
-        self.im_clients = [client(credential_for(w)) for w in portal.im.webhooks]
+        self.main = client(credential_for(portal.auth, portal.name))
+        self.im_clients = [client(credential_for(w, portal.name)) for w in portal.im.webhooks]
         self.profile: Profile | None = None
         self.im_profiles: dict[int, Profile] = {}
         self.user_names: dict[int, str] = {}
