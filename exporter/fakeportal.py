@@ -2,11 +2,18 @@
 
 `FakePortal` owns an `aiohttp.web.Application` that answers the REST methods the exporter
 uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get` and
-`batch`) the way a cloud portal does, as described in `bitrix24-api.md`: webhook URLs,
-query-string and body parameters merged with PHP semantics (so `ACTIVE=false` in a form is
+`batch`) the way a cloud portal does, as described in `bitrix24-api.md`: webhook URLs and
+OAuth access tokens (`auth`, `access_token` or a Bearer header), query-string and body
+parameters merged with PHP semantics (so `ACTIVE=false` in a form is
 truthy), error bodies without a `time` block, the per-portal leaky bucket (503
 `QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
 `OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`).
+
+It also plays the OAuth server (`GET /oauth/token/`, grant_type=refresh_token) for the
+local applications added with `add_oauth_app`: each refresh issues a new access token that
+expires after the app's `access_ttl` and a new refresh token, and the old refresh token
+stops working at once (rotation). The token endpoint is a separate server in reality, so
+the leaky bucket and `Faults` do not apply to it.
 
 It records every HTTP request it gets and can misbehave on purpose through `Faults`:
 latency, 500s, truncated JSON, nginx HTML 502 pages, hangs, connection resets and bursts of
@@ -23,6 +30,7 @@ import copy
 import json
 import random
 import re
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +44,7 @@ __all__ = [
     "LEGACY_COUNTER_CODES",
     "NEW_COUNTER_CODES",
     "ROLES",
+    "TOKEN_METHOD",
     "Credential",
     "FakePortal",
     "FakeUser",
@@ -86,6 +95,15 @@ _METHOD_NOT_FOUND: Final = ("ERROR_METHOD_NOT_FOUND", "Method not found!")
 _INTERNAL: Final = ("INTERNAL_SERVER_ERROR", "Internal server error")
 _BATCH_LENGTH: Final = ("ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
 _BATCH_METHOD: Final = ("ERROR_BATCH_METHOD_NOT_ALLOWED", "Method is not allowed for batch usage")
+_EXPIRED_TOKEN: Final = ("expired_token", "The access token provided has expired.")
+_INVALID_TOKEN: Final = ("invalid_token", "The access token provided is invalid.")
+_INVALID_GRANT: Final = ("invalid_grant", "Invalid refresh token")
+_INVALID_CLIENT: Final = ("invalid_client", "Invalid client")
+_INVALID_REQUEST: Final = ("invalid_request", "Only grant_type=refresh_token is supported")
+# The `method` of token endpoint requests in `RecordedRequest` and `count`.
+TOKEN_METHOD: Final = "oauth.token"
+# Parameters that carry a token or a client secret: recorded as <secret>.
+_SECRET_PARAMS: Final = frozenset({"auth", "access_token", "refresh_token", "client_secret"})
 _GROUP_DENIED: Final = "Group not found or access denied. (internal error)"
 # Older portals leak the PHP TypeError of the counter controller (seed page 003).
 _COUNTER_PHP_FILE: Final = "/var/www/html/bitrix/modules/tasks/lib/internals/counter.php"
@@ -169,6 +187,23 @@ class Credential:
 class _Webhook:
     user_id: int
     revoked: bool = False
+
+
+@dataclass
+class _OAuthApp:
+    """A local application installed by `user_id`; calls run as that user."""
+
+    client_secret: str
+    user_id: int
+    access_ttl: float
+    member_id: str
+
+
+@dataclass
+class _AccessToken:
+    client_id: str
+    user_id: int
+    expires: float  # unix time
 
 
 @dataclass(frozen=True)
@@ -271,6 +306,9 @@ class FakePortal:
         self.requests: list[RecordedRequest] = []
         self._rng = random.Random(seed)
         self._webhooks: dict[str, _Webhook] = {}
+        self._apps: dict[str, _OAuthApp] = {}
+        self._refresh_tokens: dict[str, str] = {}  # live refresh token -> client_id
+        self._access_tokens: dict[str, _AccessToken] = {}
         self._tasks: dict[tuple[int, int, str], dict[str, tuple[int, int]]] = {}
         self._im: dict[int, dict[str, Any]] = {}
         self._budgets: dict[tuple[str, str], _OperatingBudget] = {}
@@ -291,8 +329,9 @@ class FakePortal:
             self.app.router.add_route(
                 http_method, "/rest/{user_id}/{secret}/{method}", self._handle
             )
-            # Token-based calls land here; today they fail with NO_AUTH_FOUND (see _authenticate).
+            # Token-based calls land here; without a token they fail with NO_AUTH_FOUND.
             self.app.router.add_route(http_method, "/rest/{method}", self._handle)
+        self.app.router.add_route("GET", "/oauth/token/", self._token)
         self.app.on_startup.append(self._on_startup)
         self.app.on_shutdown.append(self._on_shutdown)
 
@@ -312,6 +351,45 @@ class FakePortal:
             raise ValueError(f"add_webhook: no user {user_id}; add_user first")
         self._webhooks[secret] = _Webhook(user_id)
         return f"/rest/{user_id}/{secret}/"
+
+    def add_oauth_app(
+        self, client_id: str, client_secret: str, user_id: int, *, access_ttl: float = 3600.0
+    ) -> str:
+        """Install a local application for an existing user; returns its first refresh token.
+
+        Access tokens it issues expire `access_ttl` seconds after they are issued
+        (`expires_in` in the token response is that value rounded down to whole seconds).
+        """
+        if user_id not in self.users:
+            raise ValueError(f"add_oauth_app: no user {user_id}; add_user first")
+        # member_id names the portal, so every app of one portal shares it.
+        member_id = random.Random(f"{self.seed}:member").getrandbits(128)
+        self._apps[client_id] = _OAuthApp(client_secret, user_id, access_ttl, f"{member_id:032x}")
+        return self.issue_refresh_token(client_id)
+
+    def issue_refresh_token(self, client_id: str) -> str:
+        """A new refresh token for an app, as if its user authorised it again."""
+        if client_id not in self._apps:
+            raise ValueError(f"issue_refresh_token: no app {client_id!r}; add_oauth_app first")
+        token = secrets.token_hex(24)
+        self._refresh_tokens[token] = client_id
+        return token
+
+    def revoke_refresh_tokens(self, client_id: str) -> None:
+        """Make every refresh token of the app fail with invalid_grant (e.g. uninstalled)."""
+        for token in [t for t, c in self._refresh_tokens.items() if c == client_id]:
+            del self._refresh_tokens[token]
+
+    def expire_access_tokens(self) -> None:
+        """Make every access token issued so far answer 401 expired_token from now on."""
+        now = time.time()
+        for token in self._access_tokens.values():
+            token.expires = min(token.expires, now)
+
+    @property
+    def token_requests(self) -> int:
+        """How many requests the token endpoint got, successful or not."""
+        return self.count(TOKEN_METHOD)
 
     def revoke_webhook(self, secret: str) -> None:
         """Make every later call with this secret fail with 401 INVALID_CREDENTIALS."""
@@ -392,8 +470,9 @@ class FakePortal:
             path = f"/rest/{request.match_info['user_id']}/<secret>/{raw_method}"
         # Keep arrival order even when answers finish out of order (latency, hangs).
         index = len(self.requests)
+        shown = _masked(params)
         self.requests.append(
-            RecordedRequest(request.method, path, method, params, commands, 0, None, at)
+            RecordedRequest(request.method, path, method, shown, commands, 0, None, at)
         )
         reply = await self._respond(request, method, params)
         if reply is None:
@@ -403,7 +482,7 @@ class FakePortal:
                 request.transport.abort()
             raise asyncio.CancelledError
         self.requests[index] = RecordedRequest(
-            request.method, path, method, params, commands, reply.status, reply.error, at
+            request.method, path, method, shown, commands, reply.status, reply.error, at
         )
         return web.Response(
             status=reply.status,
@@ -469,7 +548,66 @@ class FakePortal:
             if hook is None or hook.revoked or str(hook.user_id) != request.match_info["user_id"]:
                 raise _ApiError.of(401, _INVALID_CREDENTIALS)
             return Credential(user_id=hook.user_id, budget_key=f"webhook:{secret}")
-        raise _ApiError.of(401, _NO_AUTH)
+        token = _access_token(request, params)
+        if token is None:
+            raise _ApiError.of(401, _NO_AUTH)
+        issued = self._access_tokens.get(token)
+        if issued is None or issued.client_id not in self._apps:
+            raise _ApiError.of(401, _INVALID_TOKEN)
+        if issued.expires <= time.time():
+            raise _ApiError.of(401, _EXPIRED_TOKEN)
+        # The real limiter keys OAuth calls by application, whichever user's token it is.
+        return Credential(user_id=issued.user_id, budget_key=f"app:{issued.client_id}")
+
+    # ---- the OAuth server -------------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.Response:
+        at = asyncio.get_running_loop().time()
+        params = {k: request.query[k] for k in request.query}
+        shown = _masked(params)
+        index = len(self.requests)
+        self.requests.append(
+            RecordedRequest(request.method, request.path, TOKEN_METHOD, shown, 1, 0, None, at)
+        )
+        try:
+            status, body = 200, self._grant(params, f"{request.scheme}://{request.host}")
+        except _ApiError as exc:
+            status, body = exc.status, exc.body()
+        self.requests[index] = RecordedRequest(
+            request.method, request.path, TOKEN_METHOD, shown, 1, status, body.get("error"), at
+        )
+        return web.Response(
+            status=status, body=_php_json(body), content_type=_JSON_CONTENT_TYPE, charset="utf-8"
+        )
+
+    def _grant(self, params: dict[str, str], base: str) -> dict[str, Any]:
+        """Rotate a refresh token: a new access token and a new refresh token, old one dead."""
+        if params.get("grant_type") != "refresh_token":
+            raise _ApiError.of(400, _INVALID_REQUEST)
+        client_id = params.get("client_id", "")
+        app = self._apps.get(client_id)
+        if app is None or params.get("client_secret") != app.client_secret:
+            raise _ApiError.of(401, _INVALID_CLIENT)
+        old = params.get("refresh_token", "")
+        if self._refresh_tokens.get(old) != client_id:
+            raise _ApiError.of(400, _INVALID_GRANT)
+        del self._refresh_tokens[old]
+        access = secrets.token_hex(24)
+        now = time.time()
+        self._access_tokens[access] = _AccessToken(client_id, app.user_id, now + app.access_ttl)
+        return {
+            "access_token": access,
+            "expires": int(now + app.access_ttl),
+            "expires_in": int(app.access_ttl),
+            "scope": "im,task,user",
+            "domain": base.split("://", 1)[1],
+            "server_endpoint": f"{base}/rest/",
+            "status": "L",  # a local application
+            "client_endpoint": f"{base}/rest/",
+            "member_id": app.member_id,
+            "user_id": app.user_id,
+            "refresh_token": self.issue_refresh_token(client_id),
+        }
 
     def _invoke(
         self, credential: Credential, method: str, params: dict[str, Any], *, in_batch: bool
@@ -824,6 +962,22 @@ async def _read_params(request: web.Request) -> dict[str, Any]:
     else:
         params.update(parse_php_query(body.decode("utf-8", "replace")))
     return params
+
+
+def _access_token(request: web.Request, params: dict[str, Any]) -> str | None:
+    """The OAuth token of a call: the Bearer header first, then `auth`, then `access_token`."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer " and header[7:].strip():
+        return header[7:].strip()
+    for name in ("auth", "access_token"):
+        value = params.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _masked(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: "<secret>" if k in _SECRET_PARAMS else v for k, v in params.items()}
 
 
 def _method_name(raw: str) -> str:
