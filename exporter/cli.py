@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -38,6 +39,7 @@ from exporter.poller import PortalPoller, PortalSnapshot
 from exporter.render import ExporterInfo, Publisher
 from exporter.server import build_app
 from exporter.sharding import Shard, resolve_shard, select_portals
+from exporter.webconfig import WebSecurity
 
 log = logging.getLogger("exporter")
 
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="listen_address",
         help="host:port to serve on (default: listen_address from the config)",
     )
+    _web_config_flag(parser)
     _common_flags(parser)
     parser.add_argument(
         "--check-config",
@@ -111,6 +114,15 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _web_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--web-config-file",
+        "--web.config.file",
+        dest="web_config_file",
+        help="exporter-toolkit web config: TLS, basic auth, headers (docs/web-config.md)",
+    )
+
+
 def _demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitrix24-exporter demo",
@@ -125,6 +137,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--users", type=int, default=6, help="users on the fake portal")
     parser.add_argument("--poll-interval", dest="poll_interval", default="10s")
+    _web_config_flag(parser)
     _common_flags(parser)
     return parser
 
@@ -143,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         listen = parse_listen_address(args.listen_address or config.listen_address)
+        security = WebSecurity(args.web_config_file) if args.web_config_file else None
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
@@ -162,8 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.once:
         return asyncio.run(_once(mine, info))
-    app = build_app(mine, info=info, loader=partial(load_shard_config, args.config, shard))
-    _serve(app, listen)
+    app = build_app(
+        mine,
+        info=info,
+        loader=partial(load_shard_config, args.config, shard),
+        middlewares=() if security is None else (security.middleware,),
+    )
+    _serve(app, listen, ssl_context=None if security is None else security.ssl_context)
     return 0
 
 
@@ -187,12 +206,21 @@ def config_secrets(config: Config) -> list[str]:
     return secrets
 
 
-def _serve(app: web.Application, listen: tuple[str, int]) -> None:
+def _serve(
+    app: web.Application, listen: tuple[str, int], *, ssl_context: ssl.SSLContext | None = None
+) -> None:
     host, port = listen
-    log.info("bitrix24-exporter %s listening on %s:%d", __version__, host or "*", port)
+    scheme = "https" if ssl_context else "http"
+    log.info("bitrix24-exporter %s listening on %s://%s:%d", __version__, scheme, host or "*", port)
     # run_app turns SIGINT and SIGTERM into a clean shutdown through the cleanup contexts.
     web.run_app(
-        app, host=host or None, port=port, print=None, shutdown_timeout=5.0, access_log=None
+        app,
+        host=host or None,
+        port=port,
+        ssl_context=ssl_context,
+        print=None,
+        shutdown_timeout=5.0,
+        access_log=None,
     )
 
 
@@ -244,7 +272,13 @@ def _demo(args: argparse.Namespace) -> int:
     }
     config = parse_config(raw, source="<demo>")
     add_secrets(*config_secrets(config))
-    app = build_app(config)
+    try:
+        security = WebSecurity(args.web_config_file) if args.web_config_file else None
+    except ConfigError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return EXIT_CONFIG
+    app = build_app(config, middlewares=() if security is None else (security.middleware,))
+    scheme = "http" if security is None or security.ssl_context is None else "https"
 
     async def fake_portal(app: web.Application) -> AsyncIterator[None]:
         runner, _ = await fakeportal.serve(portal, portal_host, portal_port)
@@ -262,8 +296,8 @@ def _demo(args: argparse.Namespace) -> int:
         shown = host or "127.0.0.1"
         print(
             f"Fake Bitrix24 portal: {portal_url}/ ({args.users} users)\n"
-            f"Exporter:             http://{shown}:{port}/\n"
-            f"Metrics:              http://{shown}:{port}/metrics\n"
+            f"Exporter:             {scheme}://{shown}:{port}/\n"
+            f"Metrics:              {scheme}://{shown}:{port}/metrics\n"
             "Press Ctrl+C to stop.",
             flush=True,
         )
@@ -273,5 +307,5 @@ def _demo(args: argparse.Namespace) -> int:
 
     # The fake portal must be up before the pollers start, and stop after them.
     app.cleanup_ctx.insert(0, fake_portal)
-    _serve(app, listen)
+    _serve(app, listen, ssl_context=None if security is None else security.ssl_context)
     return 0

@@ -307,11 +307,26 @@ def parse_web_config(data: object, *, source: str, base_dir: Path) -> WebConfig:
     if data is None:
         # An empty file is valid for exporter-toolkit too: plain HTTP, no auth.
         return WebConfig(source=source)
-    top = _mapping(problems, "", data, _TOP_KEYS, f"must be a mapping with {', '.join(_TOP_KEYS)}")
-    tls = _parse_tls(problems, top.get("tls_server_config"), base_dir)
-    http = _parse_http(problems, top.get("http_server_config"))
-    users = _parse_users(problems, top.get("basic_auth_users"))
-    rate_limit = _parse_rate_limit(problems, top.get("rate_limit"))
+    if not isinstance(data, dict):
+        problems.add("", f"must be a mapping with {', '.join(_TOP_KEYS)}", _show(data))
+        raise ConfigError(problems.lines)
+    tls: TLSServerConfig | None = None
+    http = HTTPServerConfig()
+    users: dict[str, bytes] = {}
+    rate_limit: RateLimitConfig | None = None
+    # Section by section in the file's order, so the messages come in the order a reader
+    # of the file meets the problems.
+    for key, value in data.items():
+        if key == "tls_server_config":
+            tls = _parse_tls(problems, value, base_dir)
+        elif key == "http_server_config":
+            http = _parse_http(problems, value)
+        elif key == "basic_auth_users":
+            users = _parse_users(problems, value)
+        elif key == "rate_limit":
+            rate_limit = _parse_rate_limit(problems, value)
+        else:
+            problems.add(str(key), f"unknown key (known: {', '.join(_TOP_KEYS)})")
     if problems.lines:
         raise ConfigError(problems.lines)
     return WebConfig(source=source, tls=tls, http=http, users=users, rate_limit=rate_limit)
@@ -877,6 +892,7 @@ class WebSecurity:
             # connection already has and say why.
             log.exception("%s: cannot reload TLS settings for a new connection", self._source)
 
+    @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Rate limit, basic auth and headers, for every path including /healthz."""
         config = self.refresh()
