@@ -122,32 +122,50 @@ class PortalPoller:
         *,
         clock: Callable[[], float] = time.time,
         retry_base: float = 0.5,
+        previous: PortalPoller | None = None,
     ) -> None:
+        """`previous` is the poller this one replaces after a config reload: what still
+        applies (counters, the rate-limit bucket, operating budgets, credentials with their
+        tokens, last samples and the schedule) carries over, so a reload causes no burst."""
         self.portal = portal
         self.config = config
         self._publish = publish
         self._clock = clock
-        self.stats = ClientStats()
-        self.throttle = PortalThrottle(
-            portal.rate_limit.requests_per_second, portal.rate_limit.burst, self.stats
-        )
+        self.stats: ClientStats = previous.stats if previous else ClientStats()
+        self.throttle: PortalThrottle
+        if previous and previous.portal.rate_limit == portal.rate_limit:
+            self.throttle = previous.throttle
+        else:
+            self.throttle = PortalThrottle(
+                portal.rate_limit.requests_per_second, portal.rate_limit.burst, self.stats
+            )
+        same_budget = previous and previous.portal.operating_limit == portal.operating_limit
+        old_budgets = previous.budgets if previous and same_budget else {}
+        old_credentials = previous.credentials if previous else {}
+        self.budgets: dict[WebhookAuth | OAuthAuth, OperatingBudget] = {}
+        self.credentials: dict[WebhookAuth | OAuthAuth, Credential] = {}
 
-        def client(credential: Credential) -> BitrixClient:
+        def client(auth: WebhookAuth | OAuthAuth) -> BitrixClient:
+            budget = old_budgets.get(auth) or OperatingBudget(portal.operating_limit)
+            credential = old_credentials.get(auth) or credential_for(auth, portal.name)
+            self.budgets[auth] = budget
+            self.credentials[auth] = credential
             return BitrixClient(
                 portal.name,
                 credential,
                 session,
                 throttle=self.throttle,
-                budget=OperatingBudget(portal.operating_limit),
+                budget=budget,
                 stats=self.stats,
                 timeout=config.request_timeout,
                 retry_base=retry_base,
             )
 
-        self.main = client(credential_for(portal.auth, portal.name))
-        self.im_clients = [client(credential_for(w, portal.name)) for w in portal.im.webhooks]
+        self.main = client(portal.auth)
+        self.im_clients = {w: client(w) for w in portal.im.webhooks}
+        self.next_start: float | None = previous.next_start if previous else None
         self.profile: Profile | None = None
-        self.im_profiles: dict[int, Profile] = {}
+        self.im_profiles: dict[WebhookAuth, Profile] = {}
         self.user_names: dict[int, str] = {}
         self.discovered: list[int] | None = None
         self.discovered_at = -math.inf
@@ -160,13 +178,32 @@ class PortalPoller:
         self._said: dict[str, str] = {}
         self._load_checked = False
         self._budget_checked = False
+        if previous is not None and previous.portal.auth == portal.auth:
+            self._carry(previous)
+
+    def _carry(self, previous: PortalPoller) -> None:
+        """Keep what the same credential already learned and fetched."""
+        self.profile = previous.profile
+        self.im_profiles = {a: p for a, p in previous.im_profiles.items() if a in self.im_clients}
+        self.user_names = previous.user_names
+        self.discovered = previous.discovered
+        self.discovered_at = previous.discovered_at
+        self.fetches = previous.fetches
+        self.user_success = previous.user_success
+        self.watched = previous.watched
+        self.cycles = previous.cycles
+        self._said = previous._said
+        if previous.first_cycle_done.is_set():
+            self.first_cycle_done.set()
 
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         interval = self.config.poll_interval
-        scheduled = loop.time()
+        scheduled = loop.time() if self.next_start is None else self.next_start
+        if (delay := scheduled - loop.time()) > 0:
+            await asyncio.sleep(delay)  # a reloaded portal keeps its schedule
         while not self.stopping:
             started = loop.time()
             behind = max(0.0, started - scheduled)
@@ -174,6 +211,7 @@ class PortalPoller:
             self._publish(snapshot)
             self.first_cycle_done.set()
             scheduled = max(scheduled + interval, started)
+            self.next_start = scheduled
             delay = scheduled - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -244,8 +282,8 @@ class PortalPoller:
             else:
                 reached = True
             fresh[user_id, source] = fresh.get((user_id, source), True) and ok
-        for im_client in self.im_clients:
-            im_user, im_ok = await self._collect_im_webhook(im_client, now)
+        for auth, im_client in self.im_clients.items():
+            im_user, im_ok = await self._collect_im_webhook(auth, im_client, now)
             if im_user is not None:
                 fresh[im_user, "im"] = im_ok
         self._forget(plan)
@@ -383,10 +421,10 @@ class PortalPoller:
         return True
 
     async def _collect_im_webhook(
-        self, client: BitrixClient, now: float
+        self, auth: WebhookAuth, client: BitrixClient, now: float
     ) -> tuple[int | None, bool]:
         """im.counters.get through another user's own webhook (it reads only its caller)."""
-        profile = self.im_profiles.get(id(client))
+        profile = self.im_profiles.get(auth)
         commands = [Command("im", IM_METHOD)]
         if profile is None:
             commands.insert(0, Command("profile", "profile"))
@@ -399,10 +437,10 @@ class PortalPoller:
                 profile = parse_profile(result)
             except (BitrixError, PayloadError, NoAccess) as exc:
                 self._say(
-                    f"im-webhook-{id(client)}", f"portal {self.portal.name}: im webhook: {exc}"
+                    f"im-webhook-{auth.redacted}", f"portal {self.portal.name}: im webhook: {exc}"
                 )
                 return None, False
-            self.im_profiles[id(client)] = profile
+            self.im_profiles[auth] = profile
             if profile.name:
                 self.user_names.setdefault(profile.user_id, profile.name)
         command = Command(f"im_{profile.user_id}", IM_METHOD)

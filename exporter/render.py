@@ -225,14 +225,17 @@ class Publisher:
 
     info: ExporterInfo
     snapshots: dict[str, PortalSnapshot] = field(default_factory=dict)
+    current: Exposition | None = None
+    # Portals whose snapshot is in `current` (readiness means "on /metrics", not "polled").
+    rendered: frozenset[str] = frozenset()
     _blocks: dict[str, dict[Family, str]] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
-    _removed: bool = False
-    current: Exposition | None = None
+    _stale: bool = False
 
     def __post_init__(self) -> None:
         self.current = assemble((), self.info)
         self._changed = asyncio.Event()
+        self._rendering = asyncio.Lock()
 
     def publish(self, snapshot: PortalSnapshot) -> None:
         self.snapshots[snapshot.name] = snapshot
@@ -243,44 +246,54 @@ class Publisher:
         self.snapshots.pop(portal, None)
         self._blocks.pop(portal, None)
         self._dirty.discard(portal)
-        self._removed = True
+        self._stale = True
         self._changed.set()
 
     def touch(self) -> None:
         """Re-render after a change of `info` (a reload)."""
-        self._removed = True
+        self._stale = True
         self._changed.set()
 
     def render_now(self) -> Exposition:
-        """Render pending snapshots in the calling thread (for --once and tests)."""
+        """Render pending snapshots in the calling thread (for --once)."""
         self._blocks.update(_render_blocks(self._take_dirty()))
         self.current = assemble(self._ordered_blocks(), self.info)
+        self.rendered = frozenset(self._blocks)
         return self.current
 
     def _take_dirty(self) -> dict[str, PortalSnapshot]:
         dirty, self._dirty = self._dirty, set()
-        self._removed = False
+        self._stale = False
         return {name: self.snapshots[name] for name in dirty if name in self.snapshots}
 
     def _ordered_blocks(self) -> list[dict[Family, str]]:
         return [self._blocks[name] for name in sorted(self._blocks)]
 
-    async def run(self, *, min_gap: float = 0.2) -> None:
-        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once).
+    async def flush(self) -> None:
+        """Render what is pending now, in a worker thread, and wait for it.
 
-        Rendering runs in a worker thread so that scrapes keep being answered meanwhile;
-        the shared dicts are only touched on the event loop.
+        Rendering runs in a thread so that scrapes keep being answered meanwhile; the
+        shared dicts are only touched on the event loop, and one render runs at a time so
+        that an older body never replaces a newer one.
         """
         loop = asyncio.get_running_loop()
+        async with self._rendering:
+            if not (self._dirty or self._stale):
+                return
+            fresh = await loop.run_in_executor(None, _render_blocks, self._take_dirty())
+            self._blocks.update(fresh)
+            names = frozenset(self._blocks)
+            self.current = await loop.run_in_executor(
+                None, assemble, self._ordered_blocks(), self.info
+            )
+            self.rendered = names
+
+    async def run(self, *, min_gap: float = 0.2) -> None:
+        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once)."""
         while True:
             await self._changed.wait()
             self._changed.clear()
-            if self._dirty or self._removed:
-                fresh = await loop.run_in_executor(None, _render_blocks, self._take_dirty())
-                self._blocks.update(fresh)
-                self.current = await loop.run_in_executor(
-                    None, assemble, self._ordered_blocks(), self.info
-                )
+            await self.flush()
             await asyncio.sleep(min_gap)
 
 

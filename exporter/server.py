@@ -92,6 +92,7 @@ async def reload_config(app: web.Application) -> tuple[bool, str]:
     except ConfigError as error:
         publisher.info.reload_successful = False
         publisher.touch()
+        await publisher.flush()
         for problem in error.problems:
             log.error("reload failed, keeping the running config: %s", problem)
         return False, str(error)
@@ -99,6 +100,7 @@ async def reload_config(app: web.Application) -> tuple[bool, str]:
     publisher.info.reload_successful = True
     publisher.info.reload_timestamp = time.time()
     publisher.touch()
+    await publisher.flush()
     log.info("config reloaded: %d portals", len(config.portals))
     return True, f"reloaded: {len(config.portals)} portals"
 

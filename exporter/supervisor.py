@@ -55,8 +55,10 @@ class Supervisor:
         for portal in self.config.portals:
             self._start(portal)
 
-    def _start(self, portal: Portal) -> None:
-        poller = self._factory(portal, self.config, self._session, self.publisher.publish)
+    def _start(self, portal: Portal, previous: PortalPoller | None = None) -> None:
+        poller = self._factory(
+            portal, self.config, self._session, self.publisher.publish, previous=previous
+        )
         task = asyncio.create_task(poller.run(), name=f"poll-{portal.name}")
         task.add_done_callback(self._crashed)
         self._running[portal.name] = _Running(portal, poller, task)
@@ -75,13 +77,23 @@ class Supervisor:
             config.request_timeout,
         ) or old.user_refresh_interval != config.user_refresh_interval
         wanted = {p.name: p for p in config.portals}
+        replaced: dict[str, PortalPoller] = {}
         for name in list(self._running):
             running = self._running[name]
             if name not in wanted or wanted[name] != running.portal or global_change:
                 await self._stop(name, drop_series=name not in wanted)
+                replaced[name] = running.poller
         for name, portal in wanted.items():
             if name not in self._running:
-                self._start(portal)
+                self._start(portal, previous=replaced.get(name))
+        changed = sorted(n for n in replaced if n in wanted)
+        log.info(
+            "portals after reload: %d running; replaced: %s; removed: %s",
+            len(self._running),
+            ", ".join(changed) or "none",
+            ", ".join(sorted(set(replaced) - set(wanted))) or "none",
+        )
+
         self.publisher.info.poll_interval = config.poll_interval
         self.publisher.touch()
 
@@ -109,5 +121,5 @@ class Supervisor:
 
     def ready(self) -> tuple[bool, list[str]]:
         """Whether every portal finished its first cycle; the names of those that did not."""
-        waiting = [name for name in self._running if name not in self.publisher.snapshots]
+        waiting = [name for name in self._running if name not in self.publisher.rendered]
         return not waiting, waiting
