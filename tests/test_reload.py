@@ -88,9 +88,11 @@ async def test_bad_config_keeps_the_running_one(
     assert "portals[0].webhook" in process.stderr()
 
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(portal_config(url, poll_interval="300ms")))
-    async with aiohttp.ClientSession() as session:
-        async with session.post(process.url + "/-/reload") as response:
-            assert response.status == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(process.url + "/-/reload") as response,
+    ):
+        assert response.status == 200
     assert value(await scrape(process.url), "bitrix24_config_last_reload_successful") == 1
 
 
