@@ -309,6 +309,7 @@ class FakePortal:
         self._apps: dict[str, _OAuthApp] = {}
         self._refresh_tokens: dict[str, str] = {}  # live refresh token -> client_id
         self._access_tokens: dict[str, _AccessToken] = {}
+        self._issued: list[str] = []  # every token ever handed out, for leak checks
         self._tasks: dict[tuple[int, int, str], dict[str, tuple[int, int]]] = {}
         self._im: dict[int, dict[str, Any]] = {}
         self._budgets: dict[tuple[str, str], _OperatingBudget] = {}
@@ -373,6 +374,7 @@ class FakePortal:
             raise ValueError(f"issue_refresh_token: no app {client_id!r}; add_oauth_app first")
         token = secrets.token_hex(24)
         self._refresh_tokens[token] = client_id
+        self._issued.append(token)
         return token
 
     def revoke_refresh_tokens(self, client_id: str) -> None:
@@ -385,6 +387,11 @@ class FakePortal:
         now = time.time()
         for token in self._access_tokens.values():
             token.expires = min(token.expires, now)
+
+    @property
+    def issued_tokens(self) -> tuple[str, ...]:
+        """Every access and refresh token handed out so far, live or not."""
+        return tuple(self._issued)
 
     @property
     def token_requests(self) -> int:
@@ -593,6 +600,7 @@ class FakePortal:
             raise _ApiError.of(400, _INVALID_GRANT)
         del self._refresh_tokens[old]
         access = secrets.token_hex(24)
+        self._issued.append(access)
         now = time.time()
         self._access_tokens[access] = _AccessToken(client_id, app.user_id, now + app.access_ttl)
         return {

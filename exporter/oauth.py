@@ -391,8 +391,8 @@ class OAuthCredential:
         path = self.auth.state_file
         hints = {
             "invalid_grant": "the refresh token is no longer valid; authorise the application"
-            f" again and write the new refresh token to {path} (or delete {path} and set"
-            " oauth.refresh_token)",
+            f" again and write the new refresh token to the state file {path} (or delete it"
+            " and set oauth.refresh_token)",
             "invalid_client": "client_id or client_secret was refused; check the oauth section"
             " of the config",
         }
