@@ -549,7 +549,7 @@ class BitrixClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         status: int | None = None
-        code: str
+        code: str | None = None  # stays None when the request is cancelled (shutdown)
         try:
             async with self._session.post(
                 url,
@@ -571,8 +571,9 @@ class BitrixClient:
             reason = self._redact(f"{type(exc).__name__}: {exc}")
             raise self._fail(method, "connection", reason, None) from None
         finally:
-            self.stats.observe_duration(loop.time() - started)
-            self.stats.requests[method, code] += 1
+            if code is not None:
+                self.stats.observe_duration(loop.time() - started)
+                self.stats.requests[method, code] += 1
         try:
             body = json.loads(raw)
         except ValueError:

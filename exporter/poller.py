@@ -521,8 +521,8 @@ class PortalPoller:
         seconds = requests / rate
         if seconds > self.config.poll_interval:
             log.warning(
-                "portal %s: one cycle needs %d requests (%d commands), %.0fs at %.1f requests/s,"
-                " longer than poll_interval %.0fs: cycles will run back to back",
+                "portal %s: one cycle needs %d requests (%d commands), %.3gs at %.3g requests/s,"
+                " longer than poll_interval %.3gs: cycles will run back to back",
                 self.portal.name,
                 requests,
                 commands,
