@@ -259,6 +259,13 @@ class PortalPoller:
                 self.profile.user_id,
                 self.profile.admin,
             )
+            if not self.profile.admin and self.portal.tasks.users != "self":
+                log.warning(
+                    "portal %s: user %d is not a portal administrator: Bitrix24 answers [] for"
+                    " the task counters of users it does not head; use an administrator's webhook",
+                    self.portal.name,
+                    self.profile.user_id,
+                )
         users = await self._task_users()
         plan = self._plan(users)
         self._check_load(len(plan.commands))
