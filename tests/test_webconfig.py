@@ -671,25 +671,38 @@ async def test_https(exporter: Callable[..., Awaitable[Running]], pki: Pki) -> N
         await get(plain + "/metrics", auth=("prometheus", "s3cret"))
 
 
-async def test_client_certificates(exporter: Callable[..., Awaitable[Running]], pki: Pki) -> None:
+async def test_client_certificates(
+    exporter: Callable[..., Awaitable[Running]], pki: Pki, tmp_path: Path
+) -> None:
     """RequireAndVerifyClientCert: no certificate and a certificate from another issuer are
-    refused in the handshake; one the client CA signed gets in."""
-    with_cert = client_context(pki, pki.client)
+    refused in the handshake; one the client CA signed gets in. A replaced client CA file
+    applies to the next handshake without a restart."""
+    signed = client_context(pki, pki.client)
+    stranger = client_context(pki, pki.stranger)
+    ca_file = tmp_path / "client-ca.pem"
+    shutil.copyfile(pki.ca, ca_file)
     running = await exporter(
         {
             "tls_server_config": {
                 "cert_file": str(pki.server[0]),
                 "key_file": str(pki.server[1]),
                 "client_auth_type": "RequireAndVerifyClientCert",
-                "client_ca_file": str(pki.ca),
+                "client_ca_file": ca_file.name,
             }
         },
-        tls=with_cert,
+        tls=signed,
     )
-    assert (await get(running.url + "/metrics", tls=with_cert))[0] == 200
-    for refused in (client_context(pki), client_context(pki, pki.stranger)):
+    assert (await get(running.url + "/metrics", tls=signed))[0] == 200
+    for refused in (client_context(pki), stranger):
         with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
             await get(running.url + "/metrics", tls=refused)
+
+    # Trust only the self-signed stranger from now on.
+    shutil.copyfile(pki.stranger[0], tmp_path / "client-ca.tmp")
+    os.replace(tmp_path / "client-ca.tmp", ca_file)
+    assert (await get(running.url + "/metrics", tls=stranger))[0] == 200
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+        await get(running.url + "/metrics", tls=signed)
 
 
 async def peer_serial(url: str, tls: ssl.SSLContext) -> str:
