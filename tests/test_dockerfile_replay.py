@@ -164,7 +164,7 @@ def wait_http(url: str, timeout: float = 20) -> bytes:
             time.sleep(0.2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def demo(image: dict[str, object]) -> Iterator[int]:
     """The installed entrypoint in demo mode, as docker-compose.yml runs it."""
     venv = image["venv"]
