@@ -37,8 +37,9 @@ from exporter.webconfig import (
     WebSecurity,
     build_ssl_context,
     load_web_config,
+    parse_web_config,
 )
-from tests.conftest import ExporterProcess, free_port, wait_for
+from tests.conftest import ROOT, ExporterProcess, free_port, wait_for
 
 # A cheap cost keeps most tests fast; the timing test uses a realistic one.
 CHEAP = 4
@@ -413,6 +414,17 @@ def test_good_web_config(tmp_path: Path, pki: Pki) -> None:
     assert context.verify_mode == ssl.CERT_OPTIONAL
     assert context.minimum_version == ssl.TLSVersion.TLSv1_3
     assert "hunter" not in repr(config)
+
+
+def test_docs_example_is_valid() -> None:
+    """The example web config in docs/web-config.md parses."""
+    text = (ROOT / "docs" / "web-config.md").read_text(encoding="utf-8")
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    base = Path("/etc/bitrix24-exporter")
+    config = parse_web_config(yaml.safe_load(block), source="web.yml", base_dir=base)
+    assert config.tls is not None and config.tls.key_file == base / "tls/server.key"
+    assert list(config.users) == ["prometheus"]
+    assert config.http.headers["X-Frame-Options"] == "deny"
 
 
 def test_empty_file_is_plain_http_without_auth(tmp_path: Path) -> None:
