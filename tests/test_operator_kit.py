@@ -69,8 +69,8 @@ def test_promtool_check_rules() -> None:
     """promtool accepts the recording and alert rules."""
     res = run(require_binary("promtool"), "check", "rules", str(RULES), str(ALERTS))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "SUCCESS: 3 rules found" in res.stdout
-    assert "SUCCESS: 11 rules found" in res.stdout
+    assert f"SUCCESS: {len(recording_rule_names())} rules found" in res.stdout
+    assert f"SUCCESS: {len(alert_rules())} rules found" in res.stdout
 
 
 def test_promtool_check_config() -> None:
