@@ -42,7 +42,7 @@ import tempfile
 import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -196,14 +196,25 @@ class TLSServerConfig:
 
     @property
     def restart_only(self) -> tuple[object, ...]:
-        """Settings that OpenSSL copies into each connection before the SNI callback runs,
-        so a context swapped in there cannot change them."""
+        """Settings a context swapped in by the SNI callback cannot change reliably: OpenSSL
+        copies them into a connection when it creates it, before the callback runs."""
         return (
             self.client_auth_type,
             self.min_version,
             self.max_version,
             self.cipher_suites,
             self.prefer_server_cipher_suites,
+        )
+
+    def with_restart_only_of(self, other: TLSServerConfig) -> TLSServerConfig:
+        """These certificate, key and CA sources with `other`'s `restart_only` settings."""
+        return replace(
+            self,
+            client_auth_type=other.client_auth_type,
+            min_version=other.min_version,
+            max_version=other.max_version,
+            cipher_suites=other.cipher_suites,
+            prefer_server_cipher_suites=other.prefer_server_cipher_suites,
         )
 
 
@@ -866,8 +877,12 @@ class WebSecurity:
             )
         if config.tls is None or self._started_tls is None:
             return _Loaded(config, None, key)
-        context = build_ssl_context(config.tls, self._source)
-        if config.tls.restart_only != self._started_tls.restart_only:
+        # New certificate, key and CA files with the settings the server started with: a
+        # connection would otherwise mix the two (say, requiring a client certificate with
+        # no CA left to verify it against).
+        started = self._started_tls
+        context = build_ssl_context(config.tls.with_restart_only_of(started), self._source)
+        if config.tls.restart_only != started.restart_only:
             log.warning(
                 "%s: tls_server_config: certificates and CAs are reloaded, but changes to"
                 " client_auth_type, min_version, max_version, cipher_suites and"

@@ -519,6 +519,34 @@ async def test_turning_tls_on_needs_a_restart(
     ]
 
 
+async def test_restart_only_tls_settings_wait_for_a_restart(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload that changes min_version still rotates the certificate but keeps the TLS
+    versions the server started with, and warns once that a restart is needed."""
+    tls = {"cert_file": str(pki.server[0]), "key_file": str(pki.server[1])}
+    path = write_yaml(tmp_path / "web.yml", {"tls_server_config": tls})
+    security = WebSecurity(path)
+    server = await asyncio.start_server(
+        lambda reader, writer: writer.close(), "127.0.0.1", 0, ssl=security.ssl_context
+    )
+    url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    tls12 = client_context(pki)
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    caplog.set_level(logging.WARNING, logger="exporter.webconfig")
+    try:
+        assert await peer_serial(url, tls12) == f"{1001:04X}"
+        rotated = {"cert_file": str(pki.server2[0]), "key_file": str(pki.server2[1])}
+        write_yaml(path, {"tls_server_config": {**rotated, "min_version": "TLS13"}})
+        for _ in range(3):
+            assert await peer_serial(url, tls12) == f"{1002:04X}"
+    finally:
+        server.close()
+        await server.wait_closed()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "take effect after a restart" in warnings[0], warnings
+
+
 # --------------------------------------------------------------------------- end to end
 
 
