@@ -33,7 +33,7 @@ USER 10001:10001
 WORKDIR /var/lib/bitrix24-exporter
 EXPOSE 9877
 # The slim image has no curl. Change BITRIX24_EXPORTER_HEALTHCHECK_URL along with
-# --listen-address.
+# --listen-address; with TLS or basic auth see docs/web-config.md#health-checks.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ['BITRIX24_EXPORTER_HEALTHCHECK_URL'], timeout=4)"]
 ENTRYPOINT ["bitrix24-exporter"]
