@@ -2,7 +2,7 @@
 
 `FakePortal` owns an `aiohttp.web.Application` that answers the REST methods the exporter
 uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get` and
-`batch`) the way a cloud portal does, as described in `bitrix24-api.md`: webhook URLs and
+`batch`) the way a cloud portal does, as described in docs/bitrix24.md: webhook URLs and
 OAuth access tokens (`auth`, `access_token` or a Bearer header), query-string and body
 parameters merged with PHP semantics (so `ACTIVE=false` in a form is
 truthy), error bodies without a `time` block, the per-portal leaky bucket (503
@@ -64,7 +64,7 @@ ROLES: Final = (
 )
 
 # Newest portals: the same three counters for every role (`total` is swallowed by the
-# response envelope, see bitrix24-api.md §6, so it never reaches the client).
+# response envelope, see docs/bitrix24.md §6, so it never reaches the client).
 NEW_COUNTER_CODES: Final = {"expired": 6291456, "new_comments": 12582912, "mentioned": 15728640}
 
 # Portals before the tasks 20.800 rewrite: a different set of counters per role.
@@ -1120,7 +1120,7 @@ def _section(payload: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def _recompute_im_totals(payload: dict[str, Any]) -> None:
-    # Muted chats count nowhere, and ALL = MESSENGER + NOTIFY (bitrix24-api.md §5).
+    # Muted chats count nowhere, and ALL = MESSENGER + NOTIFY (docs/bitrix24.md §5).
     kind = payload.get("TYPE")
     if not isinstance(kind, dict):
         return

@@ -5,7 +5,7 @@ An `OAuthCredential` sends every call with ``auth=<access token>`` to the portal
 to ``{server}oauth/token/?grant_type=refresh_token&...``) only when it has none that is
 valid: on first use, shortly before the current one expires, and once after the portal
 answers ``expired_token`` or ``invalid_token``. Never on every call: Bitrix24 may block
-applications that refresh too eagerly (bitrix24-api.md §1).
+applications that refresh too eagerly (docs/bitrix24.md §1).
 
 Every refresh rotates the refresh token, and the old one stops working at once. So the new
 pair is written to ``state_file`` atomically (temporary file in the same directory, fsync,
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 # The `method` of errors from the OAuth server, in BitrixError and in logs.
 TOKEN_METHOD: Final = "oauth.token"
 
-# Without `expires_in` the documented lifetime is the best guess (bitrix24-api.md §1).
+# Without `expires_in` the documented lifetime is the best guess (docs/bitrix24.md §1).
 _DEFAULT_LIFETIME: Final = 3600.0
 
 _Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of the state file
