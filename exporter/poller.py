@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 TASKS_METHOD = "tasks.task.counters.get"
 IM_METHOD = "im.counters.get"
 USERS_FILTER = {"ACTIVE": True, "USER_TYPE": "employee"}
+# Results are mapped this many commands at a time between visits to the event loop, so that
+# a cycle of a big portal never holds up a scrape for long (~15 ms per 1,000 here).
+MAP_SLICE = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +181,7 @@ class PortalPoller:
         self._said: dict[str, str] = {}
         self._load_checked = False
         self._budget_checked = False
+        self._planned: tuple[tuple[tuple[int, ...], int | None], _Plan] | None = None
         if previous is not None and previous.portal.auth == portal.auth:
             self._carry(previous)
 
@@ -275,7 +279,9 @@ class PortalPoller:
         auth_error: BitrixError | None = None
         request_errors: list[BitrixError] = []
         fresh: dict[tuple[int, str], bool] = {}
-        for command in plan.commands:
+        for index, command in enumerate(plan.commands):
+            if index % MAP_SLICE == MAP_SLICE - 1:
+                await asyncio.sleep(0)
             user_id, source = plan.owner[command.key]
             result = outcome.get(command.key)
             ok = self._take(command, user_id, result, now)
@@ -379,6 +385,11 @@ class PortalPoller:
         self.discovered_at = time.monotonic()
 
     def _plan(self, users: list[int]) -> _Plan:
+        # The same users give the same plan; building it anew every cycle blocked the event
+        # loop for ~0.1 s per 25,000 commands. Nothing changes a plan once it is built.
+        inputs = (tuple(users), self.profile.user_id if self.profile is not None else None)
+        if self._planned is not None and self._planned[0] == inputs:
+            return self._planned[1]
         plan = _Plan()
         tasks = self.portal.tasks
         for user_id in users:
@@ -392,6 +403,7 @@ class PortalPoller:
             # Last, so that it fills the last partial batch instead of splitting the tasks.
             plan.commands.append(Command("im_self", IM_METHOD))
             plan.owner["im_self"] = (self.profile.user_id, "im")
+        self._planned = (inputs, plan)
         return plan
 
     def _take(self, command: Command, user_id: int, result: object, now: float) -> bool:
