@@ -46,6 +46,11 @@ ROLES = (
     "view_role_originator",
 )
 PLANS = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
+# What Prometheus 2.x sends when it scrapes: OpenMetrics preferred, gzip.
+PROMETHEUS_HEADERS = {
+    "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
 # For runs where the limit is not what is measured: the client side never waits.
 NO_LIMIT = {"requests_per_second": 100000, "burst": 100000}
 
@@ -377,3 +382,15 @@ def cpu_seconds(pid: int | str = "self") -> float:
 
 def count_series(text: str) -> int:
     return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def metric_values(text: str, name: str, **labels: str) -> list[float]:
+    """Values of the samples of `name` whose labels include `labels` (exposition text)."""
+    wanted = [f'{k}="{v}"' for k, v in labels.items()]
+    found = []
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            if all(w in head for w in wanted):
+                found.append(float(value))
+    return found

@@ -1,0 +1,126 @@
+"""Memory per exported series.
+
+    .venv/bin/python bench/memory.py [--quick] [--sizes 1000,10000] [--cycles N]
+
+For each size, a fresh exporter process (`bench/_exporter_child.py`: `build_app` on an
+`AppRunner`) polls a fake portal without a rate limit (in another process) that has that
+many users, all watched in 5 roles, every 5 s. The child reports its RSS before polling
+starts (imports, config and app built: the baseline). After the first cycles this process
+samples the child's RSS every 0.25 s over `--cycles` more cycles, scraping /metrics as
+Prometheus does (OpenMetrics, gzip) and as plain text in between, and takes the highest
+sample as the steady-state RSS; the peak (VmHWM) includes the first cycle.
+
+Two numbers per series, both reported: all told (steady RSS / series) and marginal
+((steady RSS - baseline) / series). Goal: under 1 KiB per exported series all told.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import aiohttp
+from _common import (
+    NO_LIMIT,
+    PROMETHEUS_HEADERS,
+    ExporterChild,
+    FakeFleet,
+    FakeSpec,
+    config_of,
+    count_series,
+    portal_entry,
+    print_machine,
+    proc_status,
+    table,
+    verdict,
+)
+
+GOAL = 1024
+
+
+async def measure(users: int, cycles: int) -> dict[str, Any]:
+    async with FakeFleet([FakeSpec(users)]) as fleet:
+        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
+        raw = config_of([entry], poll_interval="5s")
+        async with ExporterChild(raw) as exporter:
+            await exporter.wait_ready()
+            first = await exporter.wait_cycles(2)
+            done = min(first["cycles"].values())
+            samples: list[int] = []
+            series = 0
+            async with aiohttp.ClientSession(auto_decompress=False) as session:
+                while True:
+                    state = await exporter.state()
+                    if min(state["cycles"].values()) >= done + cycles and state["rendered"]:
+                        break
+                    async with session.get(
+                        exporter.url + "/metrics", headers=PROMETHEUS_HEADERS
+                    ) as response:
+                        await response.read()
+                    async with session.get(exporter.url + "/metrics") as response:
+                        series = count_series((await response.read()).decode())
+                    samples.append(proc_status(exporter.pid)["VmRSS"])
+                    await asyncio.sleep(0.25)
+            status = proc_status(exporter.pid)
+            cycle = max(v for v in state["durations"].values() if v is not None)
+            return {
+                "users": users,
+                "series": series,
+                "baseline": exporter.baseline_rss_kib * 1024,
+                "steady": max(samples) * 1024,
+                "peak": status["VmHWM"] * 1024,
+                "cycle": cycle,
+            }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 users only")
+    parser.add_argument("--sizes", help="comma-separated user counts (default 1000,10000)")
+    parser.add_argument("--cycles", type=int, default=3, help="cycles sampled (default 3)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in (args.sizes or ("1000" if args.quick else "1000,10000")).split(",")]
+    print_machine()
+    print("users x 5 roles, poll_interval 5s, fake portal without a limit in another process\n")
+    results = [await measure(users, args.cycles) for users in sizes]
+    mib = 1024 * 1024
+    rows = []
+    for r in results:
+        all_told = r["steady"] / r["series"]
+        marginal = (r["steady"] - r["baseline"]) / r["series"]
+        rows.append(
+            [
+                f"{r['users']:,}",
+                f"{r['series']:,}",
+                f"{r['cycle']:.1f}",
+                f"{r['baseline'] / mib:.1f}",
+                f"{r['steady'] / mib:.1f}",
+                f"{r['peak'] / mib:.1f}",
+                f"{all_told:,.0f}",
+                f"{marginal:,.0f}",
+                f"{(r['peak'] - r['baseline']) / r['series']:,.0f}",
+                verdict(all_told < GOAL),
+            ]
+        )
+    print(
+        table(
+            [
+                "users",
+                "series",
+                "cycle s",
+                "baseline MiB",
+                "steady RSS MiB",
+                "peak RSS MiB",
+                "all told B/series",
+                "marginal B/series",
+                "marginal at peak B/series",
+                "goal all told < 1 KiB",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

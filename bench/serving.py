@@ -1,0 +1,346 @@
+"""Serving /metrics: pre-rendered bytes against prometheus_client rendering per request.
+
+    .venv/bin/python bench/serving.py [--quick] [--sizes 10000,100000] [--seconds S]
+
+For each size (series on /metrics), a fake portal without a rate limit gets as many users
+(x 5 roles, 18 series each) as make that many series, and the real exporter (`build_app` in a
+child process) polls it once (poll_interval 1h). Its text exposition is then handed to a
+peer: a tiny aiohttp app (another child) whose custom collector builds the same families
+from the same samples on every collect and serves them with
+`prometheus_client.aiohttp.make_aiohttp_handler`, i.e. `generate_latest` per request.
+
+Both are scraped one request at a time from this process, as Prometheus 2.x asks (OpenMetrics
+preferred, gzip) and as plain text without compression; median and p99 latency are the time
+to read the whole (still compressed) body. Requests per second come from `wrk -t2 -c8` when
+wrk is installed, else from 8 concurrent aiohttp clients. Then a second exporter polls back to
+back (poll_interval 1s, so a cycle and a render are always running) while this process
+scrapes it without pause; the slowest of those scrapes is reported. The servers are pinned to
+CPU 0, this process and the fake portal to the other CPUs.
+
+Goal: at least 100x faster than the peer at 100,000 series, and no scrape over 50 ms while a
+poll cycle runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from _common import (
+    NO_LIMIT,
+    PROMETHEUS_HEADERS,
+    ExporterChild,
+    FakeFleet,
+    FakeSpec,
+    config_of,
+    count_series,
+    free_port,
+    median,
+    percentile,
+    pin_from_env,
+    portal_entry,
+    print_machine,
+    stop,
+    table,
+    verdict,
+)
+
+PROMETHEUS = PROMETHEUS_HEADERS
+PLAIN = {"Accept": "text/plain", "Accept-Encoding": "identity"}
+PROFILES = {"prometheus (OpenMetrics, gzip)": PROMETHEUS, "plain text": PLAIN}
+SERIES_PER_USER = 18  # 5 roles x 3 counters, user_info, collect_success, last_success
+SLOW_SCRAPE = 0.050
+SPEEDUP_GOAL = 100.0
+
+
+# ---- the peer: prometheus_client rendering per request ----------------------------------
+
+
+def run_peer(path: str, port: int) -> None:
+    """Child mode: serve the exposition in `path` through a collector and generate_latest."""
+    pin_from_env()
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.aiohttp import make_aiohttp_handler
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stored = [
+        (f.name, f.documentation, f.type, [(s.name, s.labels, s.value) for s in f.samples])
+        for f in text_string_to_metric_families(Path(path).read_text())
+    ]
+
+    class SnapshotCollector:
+        """What a collector over the poller's snapshot does: new families on every collect."""
+
+        def collect(self) -> Iterator[Metric]:
+            for name, documentation, kind, samples in stored:
+                family = Metric(name, documentation, kind)
+                for sample_name, labels, value in samples:
+                    family.add_sample(sample_name, labels, value)
+                yield family
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector())  # type: ignore[arg-type]
+    app = web.Application()
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    print("ready", flush=True)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+class Peer:
+    def __init__(self, exposition: str) -> None:
+        self.exposition = exposition
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> Peer:
+        self._file = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-peer-{self.port}.txt"
+        self._file.write_text(self.exposition)
+        env = dict(os.environ, BENCH_CPUS="0")
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--peer",
+            str(self._file),
+            str(self.port),
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        assert self._proc.stdout is not None
+        await self._proc.stdout.readline()
+        await asyncio.sleep(0.5)  # run_app binds after printing
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await stop(self._proc)
+        self._file.unlink()
+
+
+# ---- clients ---------------------------------------------------------------------------
+
+
+async def scrape_loop(
+    url: str, headers: dict[str, str], *, seconds: float, at_least: int, at_most: int
+) -> dict[str, Any]:
+    """Scrape one at a time for `seconds` (at least `at_least`, at most `at_most` requests)."""
+    latencies: list[float] = []
+    bodies: set[tuple[int, int]] = set()
+    size = 0
+    connector = aiohttp.TCPConnector(limit=1)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        async with session.get(url, headers=headers) as response:  # warm up the connection
+            await response.read()
+        deadline = time.monotonic() + seconds
+        while len(latencies) < at_most and (
+            time.monotonic() < deadline or len(latencies) < at_least
+        ):
+            started = time.perf_counter()
+            async with session.get(url, headers=headers) as response:
+                body = await response.read()
+            latencies.append(time.perf_counter() - started)
+            size = len(body)
+            bodies.add((len(body), zlib.crc32(body)))
+    return {"latencies": latencies, "bytes": size, "bodies": len(bodies)}
+
+
+def wrk_rps(url: str, headers: dict[str, str], seconds: float) -> float:
+    args = ["wrk", "-t2", "-c8", f"-d{max(1, round(seconds))}s", "--timeout", "60s"]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    import subprocess
+
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if not found:
+        raise RuntimeError(f"cannot read wrk output: {out}")
+    return float(found.group(1))
+
+
+async def python_rps(url: str, headers: dict[str, str], seconds: float) -> float:
+    done = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            async with session.get(url, headers=headers) as response:
+                await response.read()
+            done += 1
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        await asyncio.gather(*(worker(session) for _ in range(8)))
+    return done / (time.monotonic() - started)
+
+
+async def rps(url: str, headers: dict[str, str], seconds: float) -> tuple[float, str]:
+    if shutil.which("wrk"):
+        return await asyncio.to_thread(wrk_rps, url, headers, seconds), "wrk -t2 -c8"
+    return await python_rps(url, headers, seconds), "aiohttp x8"
+
+
+# ---- one size --------------------------------------------------------------------------
+
+
+async def measure_size(target: int, seconds: float) -> dict[str, Any]:
+    users = max(1, round(target / SERIES_PER_USER))
+    result: dict[str, Any] = {"target": target, "users": users, "rows": []}
+    async with FakeFleet([FakeSpec(users)], cpus={1}) as fleet:
+        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
+        idle = config_of([entry], poll_interval="1h")
+        async with ExporterChild(idle, cpus={0}) as exporter:
+            ready = await exporter.wait_ready()
+            await exporter.wait_cycles(1)
+            text = await exporter.metrics_text()
+            result["series"] = count_series(text)
+            result["ready"] = ready
+            async with Peer(text) as peer:
+                for profile, headers in PROFILES.items():
+                    ours = await scrape_loop(
+                        exporter.url + "/metrics",
+                        headers,
+                        seconds=seconds,
+                        at_least=50,
+                        at_most=5000,
+                    )
+                    theirs = await scrape_loop(
+                        peer.url + "/metrics", headers, seconds=seconds, at_least=5, at_most=500
+                    )
+                    our_rps, tool = await rps(exporter.url + "/metrics", headers, seconds)
+                    their_rps, _ = await rps(peer.url + "/metrics", headers, 2 * seconds)
+                    result["rows"].append((profile, ours, theirs, our_rps, their_rps, tool))
+        busy = config_of([entry], poll_interval="1s")
+        async with ExporterChild(busy, cpus={0}) as exporter:
+            await exporter.wait_ready()
+            before = await exporter.state()
+            during = await scrape_loop(
+                exporter.url + "/metrics",
+                PROMETHEUS,
+                seconds=3 * seconds,
+                at_least=100,
+                at_most=1_000_000,
+            )
+            after = await exporter.state()
+            cycles = sum(after["cycles"].values()) - sum(before["cycles"].values())
+            result["during"] = {**during, "cycles": cycles, "cycle_s": after["durations"]}
+    return result
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    rows = []
+    for r in results:
+        for profile, ours, theirs, our_rps, their_rps, _tool in r["rows"]:
+            ours_med, theirs_med = median(ours["latencies"]), median(theirs["latencies"])
+            rows.append(
+                [
+                    f"{r['series']:,}",
+                    profile,
+                    f"{ours['bytes']:,}",
+                    f"{ours_med * 1000:.2f}",
+                    f"{percentile(ours['latencies'], 0.99) * 1000:.2f}",
+                    f"{our_rps:,.0f}",
+                    f"{theirs_med * 1000:.0f}",
+                    f"{percentile(theirs['latencies'], 0.99) * 1000:.0f}",
+                    f"{their_rps:,.1f}",
+                    f"{theirs_med / ours_med:,.0f}x",
+                    f"{our_rps / their_rps:,.0f}x",
+                    f"{len(ours['latencies'])}/{len(theirs['latencies'])}",
+                ]
+            )
+    print(
+        table(
+            [
+                "series",
+                "client",
+                "body bytes",
+                "exporter median ms",
+                "exporter p99 ms",
+                f"exporter req/s ({results[0]['rows'][0][5]})",
+                "generate_latest median ms",
+                "generate_latest p99 ms",
+                "generate_latest req/s",
+                "median ratio",
+                "req/s ratio",
+                "scrapes",
+            ],
+            rows,
+        )
+    )
+    print()
+    rows = []
+    for r in results:
+        d = r["during"]
+        lat = d["latencies"]
+        cycle = max((v for v in d["cycle_s"].values() if v is not None), default=0.0)
+        rows.append(
+            [
+                f"{r['series']:,}",
+                len(lat),
+                d["cycles"],
+                d["bodies"],
+                f"{cycle:.2f}",
+                f"{median(lat) * 1000:.2f}",
+                f"{percentile(lat, 0.99) * 1000:.2f}",
+                f"{max(lat) * 1000:.1f}",
+                verdict(max(lat) <= SLOW_SCRAPE),
+            ]
+        )
+    print(
+        table(
+            [
+                "series",
+                "scrapes while polling",
+                "cycles",
+                "bodies seen",
+                "last cycle s",
+                "median ms",
+                "p99 ms",
+                "max ms",
+                "goal max <= 50 ms",
+            ],
+            rows,
+        )
+    )
+    biggest = max(results, key=lambda r: r["series"])
+    if biggest["target"] >= 100_000:
+        ratios = [
+            median(t["latencies"]) / median(o["latencies"]) for _, o, t, *_ in biggest["rows"]
+        ]
+        print(
+            f"\ngoal >= {SPEEDUP_GOAL:.0f}x at {biggest['series']:,} series (median latency,"
+            f" every client): {verdict(min(ratios) >= SPEEDUP_GOAL)} (min {min(ratios):,.0f}x)"
+        )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10,000 series, short runs")
+    parser.add_argument("--sizes", help="comma-separated series counts (default 10000,100000)")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement (default 5)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000")).split(",")]
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
+    print_machine()
+    print(f"servers pinned to CPU 0; client and fake portal on the rest; {seconds:g}s per run\n")
+    results = [await measure_size(size, seconds) for size in sizes]
+    report(results)
+
+
+if __name__ == "__main__":
+    if "--peer" in sys.argv:
+        index = sys.argv.index("--peer")
+        run_peer(sys.argv[index + 1], int(sys.argv[index + 2]))
+    else:
+        asyncio.run(main())
