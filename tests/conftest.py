@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,95 @@ from aiohttp.test_utils import TestClient
 
 from exporter.config import Config, parse_config
 from exporter.fakeportal import FakePortal, FakeUser, serve
+from exporter.logs import mask
 from exporter.server import build_app
 
 SECRET = "t0ps3cr3tw3bh00k"
 ROOT = Path(__file__).resolve().parent.parent
+
+# ---- secrets: none may reach a log record or a response body the tests read -------------
+
+# Every secret the tests hand to the exporter (webhook secrets, client secrets, tokens).
+# Tests and fixtures add what they create with `register_secret`; tokens the exporter
+# itself learns (OAuth) are covered too, through `exporter.logs.mask`'s registry.
+SECRETS: set[str] = {SECRET}
+# The exporter's own loggers and aiohttp's client side; the fake portal (aiohttp.server,
+# aiohttp.web) plays Bitrix24 and its logs are not the exporter's.
+LEAK_LOGGERS = ("exporter", "aiohttp.client")
+
+
+def register_secret(*values: str) -> None:
+    """Add strings that must never appear in the exporter's logs or in its responses."""
+    SECRETS.update(v for v in values if v)
+
+
+def find_leaks(texts: Iterable[tuple[str, str]], secrets: Iterable[str] = ()) -> list[str]:
+    """One line per text that holds a secret, saying where; the secret itself is never shown.
+
+    `texts` are (where, text) pairs; the secrets are `secrets`, the `SECRETS` registry and
+    every string registered with `exporter.logs.add_secrets`.
+    """
+    known = sorted(set(secrets) | SECRETS)
+    found: list[str] = []
+    for where, text in texts:
+        shown = text
+        hits = [i for i, secret in enumerate(known) if secret in text]
+        for i in hits:
+            shown = shown.replace(known[i], f"<LEAKED SECRET #{i}>")
+        if mask(shown) != shown:
+            hits.append(-1)
+            where += " (a secret the exporter registered, shown as <secret>)"
+            shown = mask(shown)
+        if hits:
+            excerpt = shown if len(shown) <= 300 else shown[:300] + "..."
+            found.append(f"secret leaked in {where}: {excerpt!r}")
+    return found
+
+
+class LeakWatch(logging.Handler):
+    """Keeps every record of `LEAK_LOGGERS` (DEBUG and up) and every body a test read."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[tuple[str, str]] = []
+        self._bodies: set[bytes] = set()  # /metrics repeats itself between cycles
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        if record.stack_info:
+            text += "\n" + record.stack_info
+        self.texts.append((f"log record {record.name} {record.levelname}", text))
+
+    def body(self, where: str, data: bytes) -> None:
+        if data not in self._bodies:
+            self._bodies.add(data)
+            self.texts.append((where, data.decode("utf-8", "replace")))
+
+    def leaks(self) -> list[str]:
+        return find_leaks(self.texts)
+
+
+@pytest.fixture(autouse=True)
+def leak_watch() -> Iterator[LeakWatch]:
+    """Fails the test if a secret reached an exporter log record or a response body it read."""
+    watch = LeakWatch()
+    loggers = [logging.getLogger(name) for name in LEAK_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(watch)
+        # DEBUG, so that a secret in a debug line is caught too.
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield watch
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(watch)
+            logger.setLevel(level)
+    leaks = watch.leaks()
+    if leaks:
+        pytest.fail("\n".join(leaks), pytrace=False)
 
 
 def free_port() -> int:
@@ -89,12 +174,21 @@ async def wait_for(
 
 @pytest.fixture
 async def exporter_app(
-    aiohttp_client: Any,
+    aiohttp_client: Any, leak_watch: LeakWatch
 ) -> AsyncIterator[Callable[..., Awaitable[TestClient[Any, Any]]]]:
     """Start the exporter app for a config; the poll loop runs with the app."""
 
+    async def read(
+        session: Any, context: Any, params: aiohttp.TraceResponseChunkReceivedParams
+    ) -> None:
+        leak_watch.body(f"response body of {params.method} {params.url.path}", params.chunk)
+
     async def start(config: Config, *, ready: bool = True) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = await aiohttp_client(build_app(config))
+        trace = aiohttp.TraceConfig()
+        trace.on_response_chunk_received.append(read)
+        client: TestClient[Any, Any] = await aiohttp_client(
+            build_app(config), trace_configs=[trace]
+        )
         if ready:
 
             async def is_ready() -> bool:
@@ -177,7 +271,9 @@ class ExporterProcess:
 
 
 @pytest.fixture
-def exporter_process(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]:
+def exporter_process(
+    tmp_path: Path, leak_watch: LeakWatch
+) -> Iterator[Callable[..., ExporterProcess]]:
     started: list[ExporterProcess] = []
 
     def start(
@@ -192,3 +288,6 @@ def exporter_process(tmp_path: Path) -> Iterator[Callable[..., ExporterProcess]]
     yield start
     for process in started:
         process.stop()
+        leak_watch.body(
+            f"stderr of exporter process {process.port}", process.stderr_path.read_bytes()
+        )
