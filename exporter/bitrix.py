@@ -279,6 +279,11 @@ class OperatingBudget:
         if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
             budget.reset_at = float(reset_at)
 
+    def paused(self, method: str) -> bool:
+        """Whether OPERATION_TIME_LIMIT holds `method` back now."""
+        budget = self._methods.get(method)
+        return budget is not None and budget.paused_until > self._clock()
+
     def pause(self, method: str) -> float:
         """After OPERATION_TIME_LIMIT: hold the method until its oldest bucket expires."""
         budget = self._budget(method)
@@ -454,7 +459,13 @@ class BitrixClient:
     ) -> None:
         try:
             async with self._concurrency:
-                results = await self._batch_request(chunk)
+                # A 429 OPERATION_TIME_LIMIT may have paused a method while this chunk waited
+                # for a slot: its commands fail unsent instead of hitting a blocked method.
+                held = [c for c in chunk if self.budget.paused(c.method)]
+                if held:
+                    outcome.update({c.key: self._held(c) for c in held})
+                    chunk = [c for c in chunk if not self.budget.paused(c.method)]
+                results = await self._batch_request(chunk) if chunk else {}
         finally:
             for method, estimate in reservations.items():
                 self.budget.release(method, estimate)
@@ -500,6 +511,15 @@ class BitrixClient:
         for method in calls:
             self._note_operating(method)
         return outcome
+
+    def _held(self, command: Command) -> BitrixError:
+        """A command not sent because its method is paused (no request: not an API error)."""
+        return BitrixError(
+            self.portal,
+            command.method,
+            "OPERATION_TIME_LIMIT",
+            "not sent: the method is paused until the portal's operating window resets",
+        )
 
     def _command_error(self, command: Command, raw: object) -> BitrixError:
         code, description = "invalid_response", "unreadable error"
