@@ -18,6 +18,7 @@ stay cheap.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -214,7 +215,10 @@ def _duration(value: object) -> tuple[float | None, str]:
     if isinstance(value, bool):
         return None, f"must be {_DURATION_FORM}"
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond float's range
+            return None, "must be a finite duration"
     elif isinstance(value, str) and _NUMBER_RE.fullmatch(value.strip()):
         # ${VAR} expansion yields strings, so "30" must mean 30 seconds as 30 does.
         seconds = float(value.strip())
@@ -257,10 +261,11 @@ def _listen_address(value: object) -> tuple[tuple[str, int] | None, str]:
     if match is None:
         return None, f"must be {_LISTEN_FORM}"
     host = match["ipv6"] if match["ipv6"] is not None else match["host"]
-    port = int(match["port6"] if match["port6"] is not None else match["port"])
-    if port > 65535:
+    digits = match["port6"] if match["port6"] is not None else match["port"]
+    # int() refuses more than 4300 digits; no port has more than five.
+    if len(digits) > 5 or int(digits) > 65535:
         return None, "port must be between 0 and 65535"
-    return (host, port), ""
+    return (host, int(digits)), ""
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -330,7 +335,9 @@ def _check_webhook_url(value: str) -> tuple[str | None, str]:
     if len(tail) < 2 or "" in tail:
         return None, f"path must end in /rest/<user id>/<secret>/ ({_WEBHOOK_FORM})"
     user, secret = tail
-    if not user.isdigit() or int(user) == 0:
+    # ASCII only: isdigit() also accepts "²", which int() rejects; int() refuses more
+    # than 4300 digits.
+    if not (user.isascii() and user.isdigit() and len(user) <= 30) or int(user) == 0:
         return None, "user id in /rest/<user id>/ must be a positive integer"
     prefix = "".join("/" + segment for segment in segments[:at])
     return f"{parts.scheme}://{parts.netloc}{prefix}/rest/{int(user)}/{secret}/", ""
@@ -417,7 +424,10 @@ class _Loc:
     order: tuple[int, ...]
 
     def key(self, name: object, index: int) -> _Loc:
-        path = f"{self.path}.{name}" if self.path else str(name)
+        shown = str(name)
+        if not shown.isprintable():
+            shown = repr(shown)  # a key with a newline must not split its problem's line
+        path = f"{self.path}.{shown}" if self.path else shown
         return _Loc(self.source, path, (*self.order, index))
 
     def item(self, index: int) -> _Loc:
@@ -482,6 +492,8 @@ def _read_yaml(path: Path, shown: str) -> tuple[object, str | None]:
         return None, f"{shown}: cannot read file (not UTF-8 text)"
     try:
         return yaml.load(text, Loader=_StrictLoader), None
+    except RecursionError:
+        return None, f"{shown}: invalid YAML: nested too deeply"
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{shown}:{mark.line + 1}:{mark.column + 1}" if mark is not None else shown
@@ -637,7 +649,11 @@ class _Parser:
 
     def local_path(self, value: str, base_dir: Path) -> Path:
         # Relative to the file that names it, not to wherever the exporter was started.
-        return base_dir / Path(value).expanduser()
+        path = Path(value)
+        # ~user of a user that does not exist stays as written (and is then not found).
+        with contextlib.suppress(RuntimeError):
+            path = path.expanduser()
+        return base_dir / path
 
     def read_secret_file(self, loc: _Loc, value: object, base_dir: Path) -> str | None:
         """The stripped content of the file named by `value`; None after a problem."""
@@ -647,8 +663,9 @@ class _Parser:
         path = self.local_path(value.strip(), base_dir)
         try:
             content = path.read_text(encoding="utf-8").strip()
-        except OSError as err:
-            self.problems.add(loc, f"cannot read file ({err.strerror or err})", str(path))
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            self.problems.add(loc, f"cannot read file ({reason})", str(path))
             return None
         except UnicodeDecodeError:
             self.problems.add(loc, "cannot read file (not UTF-8 text)", str(path))
@@ -741,8 +758,9 @@ class _Parser:
                 for path in directory.iterdir()
                 if path.suffix in (".yaml", ".yml") and not path.name.startswith(".")
             )
-        except OSError as err:
-            self.problems.add(loc, f"cannot read directory ({err.strerror or err})", str(directory))
+        except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            self.problems.add(loc, f"cannot read directory ({reason})", str(directory))
             return [None]
         portals: list[Portal | None] = []
         for number, path in enumerate(files, start=1):
@@ -903,7 +921,11 @@ class _Parser:
     def positive_number(self, loc: _Loc, value: object) -> object:
         # YAML booleans are Python ints; `true` is never meant as a number here.
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and value > 0:  # type: ignore[arg-type, operator]
+        try:
+            finite = number and math.isfinite(value)  # type: ignore[arg-type]
+        except OverflowError:  # an integer beyond float's range
+            finite = False
+        if finite and value > 0:  # type: ignore[operator]
             return float(value)  # type: ignore[arg-type]
         self.problems.add(loc, "must be a number greater than 0", value)
         return _BAD
@@ -1070,7 +1092,13 @@ def parse_config(
     the files the data names. Raises ConfigError listing every problem in document order.
     """
     parser = _Parser(os.environ if environ is None else environ)
-    config = parser.config(data, source, Path() if base_dir is None else base_dir)
+    try:
+        config = parser.config(data, source, Path() if base_dir is None else base_dir)
+    except RecursionError:
+        # A YAML alias inside its own anchor (`a: &x [*x]`) makes the data contain itself.
+        raise ConfigError(
+            [f"{source}: nested too deeply, or an alias (*name) refers to its own anchor"]
+        ) from None
     if len(parser.problems) or config is None:
         raise ConfigError(parser.problems.lines())
     return config

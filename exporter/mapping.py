@@ -77,9 +77,13 @@ def to_user_id(value: object) -> int | None:
         return None
     if isinstance(value, int):
         return value if value > 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-        return number if number > 0 else None
+    if isinstance(value, str):
+        text = value.strip()
+        # ASCII digits only: isdigit() also accepts "²", which int() rejects; and a bounded
+        # length, as int() refuses more than 4300 digits.
+        if text.isascii() and text.isdigit() and len(text) <= 30:
+            number = int(text)
+            return number if number > 0 else None
     return None
 
 

@@ -208,9 +208,11 @@ def assemble(portals: Iterable[dict[Family, str]], info: ExporterInfo) -> Exposi
         if body:
             text += (_header(family, openmetrics=False), body)
             om += (_header(family, openmetrics=True), body)
-    text_bytes = "".join(text).encode() + text_generate_latest(_PROCESS)
+    # "replace": a lone surrogate (a "\ud800" escape is valid JSON) in a name or counter from
+    # the portal becomes "?" instead of failing the render, and with it every later one.
+    text_bytes = "".join(text).encode("utf-8", "replace") + text_generate_latest(_PROCESS)
     om_process = om_generate_latest(_PROCESS)
-    om_bytes = "".join(om).encode() + om_process  # the process part ends with "# EOF\n"
+    om_bytes = "".join(om).encode("utf-8", "replace") + om_process  # ends with "# EOF\n"
     return Exposition(
         text=text_bytes,
         text_gzip=gzip.compress(text_bytes, GZIP_LEVEL),
