@@ -63,7 +63,12 @@ def find_leaks(texts: Iterable[tuple[str, str]], secrets: Iterable[str] = ()) ->
             where += " (a secret the exporter registered, shown as <secret>)"
             shown = mask(shown)
         if hits:
-            excerpt = shown if len(shown) <= 300 else shown[:300] + "..."
+            # Around the first leak, which may be deep in a long body.
+            at = max(shown.find("<LEAKED SECRET"), shown.find("<secret>"), 0)
+            excerpt = shown[max(0, at - 150) : at + 150]
+            excerpt = (
+                ("..." if at > 150 else "") + excerpt + ("..." if at + 150 < len(shown) else "")
+            )
             found.append(f"secret leaked in {where}: {excerpt!r}")
     return found
 

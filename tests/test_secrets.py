@@ -1,0 +1,115 @@
+"""The secret detector of tests/conftest.py (`leak_watch`) catches a leak, and says so loudly.
+
+Every test runs under `leak_watch`: it keeps every record of the exporter's loggers (DEBUG and
+up), every response body a test reads from the exporter app and the stderr of every exporter
+process, and fails the test if any of them holds a registered secret. Here a planted secret,
+made up for this run and known to nobody else, is leaked on purpose through each of those
+channels in an inner pytest run, which must fail for each channel and name it, without
+printing the secret itself.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, SECRET, find_leaks
+
+INNER_TESTS = '''
+"""Tests that leak a planted secret on purpose; run only by tests/test_secrets.py."""
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from tests.conftest import config_of, portal_config, register_secret
+
+PLANTED = "{planted}"
+register_secret(PLANTED)
+
+
+async def refusing_portal(aiohttp_server: Any) -> str:
+    async def refuse(request: web.Request) -> web.Response:
+        body = {{"error": "INVALID_CREDENTIALS", "error_description": f"bad token {{PLANTED}}"}}
+        return web.json_response(body, status=401)
+
+    app = web.Application()
+    app.router.add_post("/rest/1/{{secret}}/{{method}}", refuse)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
+
+
+def test_leak_in_a_debug_record() -> None:
+    logging.getLogger("exporter.planted").debug("the token is %s", PLANTED)
+
+
+async def test_leak_in_a_response_body(exporter_app: Any, aiohttp_server: Any) -> None:
+    # The exporter shows the portal's error text on its landing page, and logs it.
+    client = await exporter_app(config_of(portal_config(await refusing_portal(aiohttp_server))))
+    assert "acme" in await (await client.get("/")).text()
+
+
+async def test_leak_in_process_stderr(exporter_process: Any, aiohttp_server: Any) -> None:
+    process = exporter_process(portal_config(await refusing_portal(aiohttp_server)))
+    await process.wait_ready()
+
+
+def test_no_leak() -> None:
+    logging.getLogger("exporter.planted").info("nothing secret here")
+'''
+
+
+def test_planted_leaks_fail_their_tests_loudly(tmp_path: Path) -> None:
+    """A planted secret in a log record, a response body or stderr fails its test, unshown."""
+    planted = "planted" + secrets.token_hex(12)
+    (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F403\n")
+    (tmp_path / "test_leaks.py").write_text(INNER_TESTS.format(planted=planted))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--show-capture=no",
+            "--rootdir",
+            str(ROOT),
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    # The check runs after each test: a leak is an error at its teardown.
+    assert "4 passed, 3 errors" in output, output
+    failed = [line for line in output.splitlines() if line.startswith("ERROR")]
+    for name in (
+        "test_leak_in_a_debug_record",
+        "test_leak_in_a_response_body",
+        "test_leak_in_process_stderr",
+    ):
+        assert any(name in line for line in failed), output
+    assert "secret leaked in log record exporter.planted DEBUG" in output
+    body = [line for line in output.splitlines() if "leaked in response body of GET /" in line]
+    assert body and "<LEAKED SECRET #" in body[0]  # the excerpt shows where, not what
+    assert "secret leaked in stderr of exporter process" in output
+    assert planted not in output  # loud, but the secret itself is never printed
+
+
+def test_find_leaks_names_the_place_not_the_secret() -> None:
+    """find_leaks reports where a registered secret occurs and shows it replaced."""
+    found = find_leaks([("here", f"url /rest/1/{SECRET}/profile"), ("there", "clean")])
+    assert len(found) == 1
+    assert found[0].startswith("secret leaked in here:")
+    assert SECRET not in found[0] and "<LEAKED SECRET #" in found[0]
