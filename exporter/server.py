@@ -138,7 +138,10 @@ async def landing_handler(request: web.Request) -> web.Response:
 {"".join(rows)}
 </table></body></html>
 """
-    return web.Response(text=page, content_type="text/html")
+    # "replace": an error text from the portal may hold a lone surrogate ("\ud800" is valid
+    # JSON), which strict UTF-8 cannot encode.
+    body = page.encode("utf-8", "replace")
+    return web.Response(body=body, content_type="text/html", charset="utf-8")
 
 
 def build_app(

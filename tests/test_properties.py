@@ -48,7 +48,7 @@ from exporter.mapping import (
 )
 from exporter.poller import PortalPoller, PortalSnapshot, Status
 from exporter.render import ExporterInfo, assemble, portal_blocks
-from tests.conftest import register_secret
+from tests.conftest import portal_config, register_secret
 
 # ---- arbitrary JSON, as it could arrive on the wire --------------------------------------
 
@@ -698,3 +698,24 @@ def test_renderer_matches_generate_latest(
         for s in f.samples
     }
     assert mine == reference
+
+
+async def test_error_text_with_a_lone_surrogate(
+    exporter_app: Any, aiohttp_server: Any, exporter_records: Records
+) -> None:
+    """A portal error text holding "\\ud800": the landing page and /metrics still answer."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        body = {"error": "INVALID_CREDENTIALS", "error_description": "bad \ud800 token"}
+        return web.Response(status=401, text=json.dumps(body), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/rest/1/{secret}/{method}", refuse)
+    server = await aiohttp_server(app)
+    raw = portal_config(str(server.make_url("")).rstrip("/"))
+    client = await exporter_app(parse_config(raw, source="test.yaml"))
+    landing = await client.get("/")
+    assert landing.status == 200
+    assert "bad ? token" in await landing.text()
+    assert (await client.get("/metrics")).status == 200
+    assert not [r for r in exporter_records.records if r.exc_info]
