@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -35,6 +36,8 @@ from exporter.metrics import DURATION_BUCKETS
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 50
+# Bitrix24 sums each method's execution time over this many seconds (operating_limit).
+OPERATING_WINDOW = 600.0
 
 # Errors that a retry cannot fix: credentials, scopes, plan, arguments, missing methods.
 AUTH_ERRORS = frozenset(
@@ -268,16 +271,19 @@ class OperatingBudget:
         if not isinstance(time_block, dict):
             return
         budget = self._budget(method)
-        duration = time_block.get("duration")
-        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0:
+        # Finite numbers only: JSON may carry NaN, Infinity or integers beyond float.
+        duration = _finite(time_block.get("duration"))
+        if duration is not None and duration >= 0:
             budget.cost = duration if budget.cost is None else 0.8 * budget.cost + 0.2 * duration
-        operating = time_block.get("operating")
-        if isinstance(operating, int | float) and not isinstance(operating, bool):
-            budget.operating = float(operating)
+        operating = _finite(time_block.get("operating"))
+        if operating is not None:
+            budget.operating = operating
             budget.known = True
-        reset_at = time_block.get("operating_reset_at")
-        if isinstance(reset_at, int | float) and not isinstance(reset_at, bool):
-            budget.reset_at = float(reset_at)
+        reset_at = _finite(time_block.get("operating_reset_at"))
+        if reset_at is not None:
+            # No bucket outlives the window: a reset further ahead is a skewed clock (or a
+            # broken answer) and must not hold a method back for longer than the window.
+            budget.reset_at = min(reset_at, self._clock() + OPERATING_WINDOW)
 
     def paused(self, method: str) -> bool:
         """Whether OPERATION_TIME_LIMIT holds `method` back now."""
@@ -334,6 +340,17 @@ class CallResult:
     result: Any
     total: int | None = None
     next: int | None = None
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number as a finite float, or None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _int_or_none(value: object) -> int | None:
