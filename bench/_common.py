@@ -205,9 +205,11 @@ class FakeSpec:
 class FakeFleet:
     """Fake portals served by `bench/_fakes.py` in a child process, one port each."""
 
-    def __init__(self, specs: Sequence[FakeSpec], *, cpus: set[int] | None = None) -> None:
+    def __init__(
+        self, specs: Sequence[FakeSpec], *, cpus: set[int] | None = None, nice: int = 0
+    ) -> None:
         self.specs = list(specs)
-        self._env = pinned_env(cpus)
+        self._env = pinned_env(cpus, nice)
         self.urls: list[str] = []
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -258,10 +260,15 @@ class ExporterChild:
     """
 
     def __init__(
-        self, raw: dict[str, Any], *, log_level: str = "WARNING", cpus: set[int] | None = None
+        self,
+        raw: dict[str, Any],
+        *,
+        log_level: str = "WARNING",
+        cpus: set[int] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.raw = raw
-        self._env = pinned_env(cpus)
+        self._env = pinned_env(cpus) | (env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log_level = log_level
@@ -334,19 +341,27 @@ class ExporterChild:
             return await r.text()
 
 
-def pinned_env(cpus: set[int] | None) -> dict[str, str]:
+def pinned_env(cpus: set[int] | None, nice: int = 0) -> dict[str, str]:
     """The environment for a child that pins itself to `cpus` (see `pin_from_env`)."""
     env = dict(os.environ)
+    env.pop("BENCH_CPUS", None)
+    env.pop("BENCH_NICE", None)
     if cpus is not None:
         env["BENCH_CPUS"] = ",".join(str(c) for c in sorted(cpus))
+    if nice:
+        env["BENCH_NICE"] = str(nice)
     return env
 
 
 def pin_from_env() -> None:
-    """Called first thing in a child: pin the process (and threads it starts) to BENCH_CPUS."""
+    """Called first thing in a child: pin the process (and threads it starts) to BENCH_CPUS
+    and lower its priority by BENCH_NICE (a busy fake portal must not delay the client)."""
     cpus = os.environ.get("BENCH_CPUS")
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+    nice = os.environ.get("BENCH_NICE")
+    if nice:
+        os.nice(int(nice))
 
 
 async def stop(proc: asyncio.subprocess.Process) -> None:

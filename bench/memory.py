@@ -12,6 +12,10 @@ sample as the steady-state RSS; the peak (VmHWM) includes the first cycle.
 
 Two numbers per series, both reported: all told (steady RSS / series) and marginal
 ((steady RSS - baseline) / series). Goal: under 1 KiB per exported series all told.
+
+Each size runs twice: with glibc malloc as it comes and with MALLOC_ARENA_MAX=2
+MALLOC_MMAP_THRESHOLD_=131072 in the exporter's environment (see MALLOC below), to show how
+much of the RSS is the allocator holding on to freed memory rather than live data.
 """
 
 from __future__ import annotations
@@ -37,13 +41,20 @@ from _common import (
 )
 
 GOAL = 1024
+# glibc malloc as it comes, and tuned: at most 2 arenas (the render thread otherwise gets
+# arenas of its own) and a fixed mmap threshold (the dynamic one rises to the size of the
+# biggest freed buffer, here the multi-MB exposition bodies, which then stay on the heap).
+MALLOC = {
+    "default": {},
+    "tuned": {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"},
+}
 
 
-async def measure(users: int, cycles: int) -> dict[str, Any]:
+async def measure(users: int, cycles: int, malloc: str) -> dict[str, Any]:
     async with FakeFleet([FakeSpec(users)]) as fleet:
         entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
         raw = config_of([entry], poll_interval="5s")
-        async with ExporterChild(raw) as exporter:
+        async with ExporterChild(raw, env=MALLOC[malloc]) as exporter:
             await exporter.wait_ready()
             first = await exporter.wait_cycles(2)
             done = min(first["cycles"].values())
@@ -58,13 +69,15 @@ async def measure(users: int, cycles: int) -> dict[str, Any]:
                         exporter.url + "/metrics", headers=PROMETHEUS_HEADERS
                     ) as response:
                         await response.read()
-                    async with session.get(exporter.url + "/metrics") as response:
+                    plain = {"Accept-Encoding": "identity"}
+                    async with session.get(exporter.url + "/metrics", headers=plain) as response:
                         series = count_series((await response.read()).decode())
                     samples.append(proc_status(exporter.pid)["VmRSS"])
                     await asyncio.sleep(0.25)
             status = proc_status(exporter.pid)
             cycle = max(v for v in state["durations"].values() if v is not None)
             return {
+                "malloc": malloc,
                 "users": users,
                 "series": series,
                 "baseline": exporter.baseline_rss_kib * 1024,
@@ -83,7 +96,7 @@ async def main() -> None:
     sizes = [int(s) for s in (args.sizes or ("1000" if args.quick else "1000,10000")).split(",")]
     print_machine()
     print("users x 5 roles, poll_interval 5s, fake portal without a limit in another process\n")
-    results = [await measure(users, args.cycles) for users in sizes]
+    results = [await measure(u, args.cycles, m) for u in sizes for m in MALLOC]
     mib = 1024 * 1024
     rows = []
     for r in results:
@@ -92,6 +105,7 @@ async def main() -> None:
         rows.append(
             [
                 f"{r['users']:,}",
+                r["malloc"],
                 f"{r['series']:,}",
                 f"{r['cycle']:.1f}",
                 f"{r['baseline'] / mib:.1f}",
@@ -107,6 +121,7 @@ async def main() -> None:
         table(
             [
                 "users",
+                "glibc malloc",
                 "series",
                 "cycle s",
                 "baseline MiB",
