@@ -173,9 +173,11 @@ class PortalThrottle:
     def __init__(self, requests_per_second: float, burst: int, stats: ClientStats) -> None:
         from aiolimiter import AsyncLimiter
 
-        # Requests leave here a little before the portal sees them; bunched arrivals could
-        # otherwise tip a full bucket by one, so keep one slot of headroom.
-        capacity = max(1, burst - 1) if burst > 2 else burst
+        # Requests leave here a little before the portal sees them, and their delays vary:
+        # arrivals bunched by jitter could tip a full bucket. Headroom of a second's drain
+        # (at least 2 slots) absorbs up to a second of jitter at a sustained full rate.
+        headroom = max(2, math.ceil(requests_per_second))
+        capacity = burst - headroom if burst > 2 * headroom else max(1, burst // 2)
         self.requests_per_second = requests_per_second
         self.burst = burst
         self._limiter = AsyncLimiter(capacity, capacity / requests_per_second)
