@@ -295,7 +295,12 @@ class Publisher:
         while True:
             await self._changed.wait()
             self._changed.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                # A render bug must not freeze /metrics for good: keep serving the last
+                # body, say so, and render again with the next snapshot.
+                log.exception("rendering the exposition failed; serving the previous one")
             await asyncio.sleep(min_gap)
 
 

@@ -42,7 +42,8 @@ async def test_slow_and_dead_portals_do_not_delay_others(served: Any, exporter_a
     first = healthy.count("batch")
     await asyncio.sleep(2.0)
     # About one cycle per 300 ms while the slow portal is still in its first request.
-    assert healthy.count("batch") - first >= 4
+    # Blocked behind the slow portal (3 s for its first cycle) it would have none.
+    assert healthy.count("batch") - first >= 3
     text = await metrics_text(client)
     assert value(text, "bitrix24_up", portal="acme") == 1
 
