@@ -86,6 +86,8 @@ def machine() -> dict[str, str]:
 def print_machine() -> None:
     facts = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in facts.items()))
+    # Other work on the machine skews timings; say how busy it was.
+    print("load average at start: " + " / ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 # ---- output --------------------------------------------------------------------------------
