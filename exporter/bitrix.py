@@ -101,6 +101,11 @@ class BitrixError(Exception):
         return self.error in AUTH_ERRORS
 
     @property
+    def whole_batch(self) -> bool:
+        """The batch request itself failed, so every command in it carries this error."""
+        return self.method == "batch"
+
+    @property
     def retryable(self) -> bool:
         return self.error in RETRYABLE_ERRORS or (
             self.status is not None and self.status >= 500 and self.error not in AUTH_ERRORS

@@ -289,7 +289,7 @@ class PortalPoller:
             if isinstance(result, BitrixError):
                 if result.is_auth and auth_error is None:
                     auth_error = result
-                if result.method == "batch":
+                if result.whole_batch:
                     request_errors.append(result)
                 if result.status is not None and result.status < 500 and not result.is_auth:
                     reached = True
@@ -423,7 +423,7 @@ class PortalPoller:
                 samples = im_counter_samples(name, user_id, result, chats=self.portal.im.chats)
         except (BitrixError, PayloadError, NoAccess) as exc:
             self._expire(fetch, now)
-            if isinstance(exc, BitrixError) and exc.method == "batch":
+            if isinstance(exc, BitrixError) and exc.whole_batch:
                 return False  # the whole request failed: said once for the portal, not per user
             if isinstance(exc, BitrixError) and exc.error == "OPERATION_TIME_LIMIT":
                 # The portal blocked the method for the credential, not for this user: one
