@@ -12,63 +12,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from exporter.bitrix import (
-    DEFAULT_RETRY,
-    MAX_BATCH,
-    BitrixClient,
-    BitrixError,
-    ClientStats,
-    Command,
-    Credential,
-    OperatingBudget,
-    PortalThrottle,
-    RetryPolicy,
-    WebhookCredential,
-)
-from exporter.config import Config, OAuthAuth, Portal, WebhookAuth
+from exporter.bitrix import DEFAULT_RETRY, BitrixClient, BitrixError, Command, RetryPolicy
+from exporter.capacity import budget_warning, load_warning
+from exporter.clients import PortalClients
+from exporter.config import Config, Portal, WebhookAuth
 from exporter.directory import UserDirectory
 from exporter.failures import Code, FetchError, PayloadError
 from exporter.fetchstore import FetchStore, Owner
-from exporter.oauth import OAuthCredential
 from exporter.oncelog import OnceLog
 from exporter.snapshot import PortalSnapshot, copy_stats
 from exporter.sources import Planned, Source, sources_for
 
 log = logging.getLogger(__name__)
 
-Auth = WebhookAuth | OAuthAuth
 # Results are mapped this many commands at a time between visits to the event loop, so that
 # a cycle of a big portal never holds up a scrape for long (~5 ms per 250 here).
 MAP_SLICE = 250
 
 
-def credential_for(auth: Auth, portal: str) -> Credential:
-    if isinstance(auth, WebhookAuth):
-        return WebhookCredential(url=auth.url, secret=auth.secret)
-    return OAuthCredential(portal, auth)
-
-
 @dataclass
 class Handover:
-    """What a poller hands to the one that replaces it after a config reload.
+    """What a poller hands to the one that replaces it after a config reload: the clients
+    (which keep what still applies to the new settings), and with the same main
+    credential what was learned and fetched; the once-log always, so that a reload
+    repeats no log line."""
 
-    The next poller keeps what still applies to its settings (the bucket with the same
-    rate limit, the budgets with the same operating limit, the credentials with their
-    tokens, and with the same main credential what was learned and fetched), so a
-    reload causes no burst and repeats no log line."""
-
-    portal: Portal
-    stats: ClientStats
-    throttle: PortalThrottle
-    budgets: dict[Auth, OperatingBudget]
-    credentials: dict[Auth, Credential]
+    clients: PortalClients
     directory: UserDirectory
     store: FetchStore
     once: OnceLog
@@ -105,60 +81,29 @@ class PortalPoller:
         self._clock = clock
         self.sources: tuple[Source, ...] = sources_for(portal)
         old = handover
-        same_auth = old is not None and old.portal.auth == portal.auth
-        self.stats = old.stats if old else ClientStats()
-        rate = portal.rate_limit
-        self.throttle = (
-            old.throttle
-            if old and old.portal.rate_limit == rate
-            else PortalThrottle(rate.requests_per_second, rate.burst, self.stats)
+        self.clients = PortalClients(
+            portal,
+            session,
+            timeout=config.request_timeout,
+            retry=retry,
+            previous=old.clients if old else None,
         )
-        same_budget = old is not None and old.portal.operating_limit == portal.operating_limit
-        old_budgets = old.budgets if old and same_budget else {}
-        old_credentials = old.credentials if old else {}
-        self.budgets: dict[Auth, OperatingBudget] = {}
-        self.credentials: dict[Auth, Credential] = {}
-
-        def client(auth: Auth) -> BitrixClient:
-            budget = old_budgets.get(auth) or OperatingBudget(portal.operating_limit)
-            credential = old_credentials.get(auth) or credential_for(auth, portal.name)
-            self.budgets[auth] = budget
-            self.credentials[auth] = credential
-            return BitrixClient(
-                portal.name,
-                credential,
-                session,
-                throttle=self.throttle,
-                budget=budget,
-                stats=self.stats,
-                timeout=config.request_timeout,
-                retry=retry,
-            )
-
-        self.main = client(portal.auth)
-        # Extra per-user webhooks: each reads its own user's data (caller_only sources).
-        self.callers = {w: client(w) for w in portal.im.webhooks}
+        self.main = self.clients.main
+        self.stats = self.clients.stats
+        # What was learned and fetched belongs to the main credential's user.
+        same_auth = old is not None and old.clients.portal.auth == portal.auth
         self.directory = old.directory if old and same_auth else UserDirectory(portal.name)
-        self.directory.keep_callers(set(self.callers))
+        self.directory.keep_callers(set(self.clients.callers))
         self.store = old.store if old and same_auth else FetchStore()
-        self.once = old.once if old else OnceLog(log)
         self.cycles = old.cycles if old and same_auth else 0
+        self.once = old.once if old else OnceLog(log)
         self.next_start: float | None = old.next_start if old else None
         self._stop = asyncio.Event()
         self._planned: tuple[tuple[tuple[int, ...], int], list[Planned]] | None = None
 
     def handover(self) -> Handover:
         return Handover(
-            portal=self.portal,
-            stats=self.stats,
-            throttle=self.throttle,
-            budgets=self.budgets,
-            credentials=self.credentials,
-            directory=self.directory,
-            store=self.store,
-            once=self.once,
-            next_start=self.next_start,
-            cycles=self.cycles,
+            self.clients, self.directory, self.store, self.once, self.next_start, self.cycles
         )
 
     # -- the loop ---------------------------------------------------------------
@@ -243,7 +188,7 @@ class PortalPoller:
             owner = (planned.user_id, planned.source.name)
             fresh[owner] = self._take(planned, result, now) and fresh.get(owner, True)
         kept = [p.command.key for p in plan]
-        for auth, client in self.callers.items():
+        for auth, client in self.clients.callers.items():
             kept += await self._collect_caller(auth, client, now, fresh)
         self.store.keep_only(set(kept), set(fresh))
         self._check_budget(plan)
@@ -383,41 +328,35 @@ class PortalPoller:
 
     def _check_load(self, commands: int) -> None:
         """Say once if the configured load cannot fit the poll interval under the rate limit."""
-        if not commands:
-            return
-        requests = math.ceil(commands / MAX_BATCH) + len(self.callers)
-        rate = self.portal.rate_limit.requests_per_second
-        seconds = requests / rate
-        if seconds > self.config.poll_interval:
-            self.once.say(
-                "load",
-                f"portal {self.portal.name}: one cycle needs {requests} requests ({commands}"
-                f" commands), {seconds:.3g}s at {rate:.3g} requests/s, longer than"
-                f" poll_interval {self.config.poll_interval:.3g}s: cycles will run back to back",
-            )
-        else:
+        warning = load_warning(
+            self.portal.name,
+            commands,
+            len(self.clients.callers),
+            self.portal.rate_limit.requests_per_second,
+            self.config.poll_interval,
+        )
+        if warning is None:
             self.once.resolve("load")
+        else:
+            self.once.say("load", warning)
 
     def _check_budget(self, plan: list[Planned]) -> None:
         """Say once per method if one cycle's calls cost more than the operating limit allows.
 
         Never resolved: the cost is an estimate that moves around the limit from call to
         call, and the warning is about the configured load, not about one cycle."""
-        calls: dict[str, int] = {}
-        for planned in plan:
-            calls[planned.command.method] = calls.get(planned.command.method, 0) + 1
+        calls = Counter(planned.command.method for planned in plan)
         for method, count in calls.items():
             cost = self.main.budget.cost_of(method)
-            if cost is None:
-                continue
-            per_window = cost * count * (600.0 / self.config.poll_interval)
-            if per_window <= self.portal.operating_limit:
-                continue
-            self.once.say(
-                f"budget-{method}",
-                f"portal {self.portal.name}: {method} costs about {cost:.3f}s per call; {count}"
-                f" calls every {self.config.poll_interval:.0f}s need {per_window:.0f}s of the"
-                f" {self.portal.operating_limit:.0f}s operating budget per 10 minutes: cycles"
-                " will be stretched to fit",
-                signature="over",
-            )
+            warning = None
+            if cost is not None:
+                warning = budget_warning(
+                    self.portal.name,
+                    method,
+                    cost,
+                    count,
+                    self.config.poll_interval,
+                    self.portal.operating_limit,
+                )
+            if warning is not None:
+                self.once.say(f"budget-{method}", warning, signature="over")
