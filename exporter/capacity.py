@@ -7,8 +7,12 @@ A load that does not fit is not an error (the exporter stretches its cycles and 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
-from exporter.bitrix import MAX_BATCH, OPERATING_WINDOW
+from exporter.bitrix import MAX_BATCH, OPERATING_WINDOW, OperatingBudget
+from exporter.config import Config, Portal
+from exporter.oncelog import OnceLog
+from exporter.sources import Planned
 
 
 def load_warning(
@@ -45,3 +49,36 @@ def budget_warning(
         f" {interval:.0f}s need {per_window:.0f}s of the {limit:.0f}s operating budget per"
         " 10 minutes: cycles will be stretched to fit"
     )
+
+
+class CapacityCheck:
+    """Says, through a portal's once-log, when its configured load does not fit."""
+
+    def __init__(self, portal: Portal, config: Config, once: OnceLog) -> None:
+        self.portal = portal
+        self.config = config
+        self.once = once
+
+    def check_load(self, commands: int, extra_requests: int) -> None:
+        """Before a cycle's requests: do they fit the poll interval under the rate limit?"""
+        rate = self.portal.rate_limit.requests_per_second
+        interval = self.config.poll_interval
+        warning = load_warning(self.portal.name, commands, extra_requests, rate, interval)
+        if warning is None:
+            self.once.resolve("load")
+        else:
+            self.once.say("load", warning)
+
+    def check_budget(self, plan: list[Planned], budget: OperatingBudget) -> None:
+        """After a cycle's calls: does each method's cost fit its operating limit?
+
+        Never resolved: the cost is an estimate that moves around the limit from call to
+        call, and the warning is about the configured load, not about one cycle."""
+        interval, limit = self.config.poll_interval, self.portal.operating_limit
+        for method, calls in Counter(planned.command.method for planned in plan).items():
+            cost = budget.cost_of(method)
+            if cost is None:
+                continue
+            warning = budget_warning(self.portal.name, method, cost, calls, interval, limit)
+            if warning is not None:
+                self.once.say(f"budget-{method}", warning, signature="over")

@@ -13,22 +13,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from exporter.bitrix import DEFAULT_RETRY, BitrixClient, BitrixError, Command, RetryPolicy
-from exporter.capacity import budget_warning, load_warning
+from exporter.capacity import CapacityCheck
 from exporter.clients import PortalClients
 from exporter.config import Config, Portal, WebhookAuth
 from exporter.directory import UserDirectory
 from exporter.failures import Code, FetchError, PayloadError
+from exporter.fetchlog import FetchLog
 from exporter.fetchstore import FetchStore, Owner
 from exporter.oncelog import OnceLog
 from exporter.snapshot import PortalSnapshot, copy_stats
-from exporter.sources import Planned, Source, sources_for
+from exporter.sources import Planned, Planner, Source, sources_for
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class PortalPoller:
         self._publish = publish
         self._clock = clock
         self.sources: tuple[Source, ...] = sources_for(portal)
+        self.planner = Planner(self.sources)
         old = handover
         self.clients = PortalClients(
             portal,
@@ -97,9 +98,10 @@ class PortalPoller:
         self.store = old.store if old and same_auth else FetchStore()
         self.cycles = old.cycles if old and same_auth else 0
         self.once = old.once if old else OnceLog(log)
+        self.fetch_log = FetchLog(portal.name, self.once)
+        self.capacity = CapacityCheck(portal, config, self.once)
         self.next_start: float | None = old.next_start if old else None
         self._stop = asyncio.Event()
-        self._planned: tuple[tuple[tuple[int, ...], int], list[Planned]] | None = None
 
     def handover(self) -> Handover:
         return Handover(
@@ -164,8 +166,8 @@ class PortalPoller:
         users = await self.directory.task_users(
             self.main, self.portal.tasks, self.config.user_refresh_interval, self.once
         )
-        plan = self._plan(users, profile.user_id)
-        self._check_load(len(plan))
+        plan = self.planner.plan(users, profile.user_id)
+        self.capacity.check_load(len(plan), len(self.clients.callers))
         outcome = await self.main.batch([p.command for p in plan]) if plan else {}
         now = self._clock()
         reached = not plan
@@ -191,7 +193,7 @@ class PortalPoller:
         for auth, client in self.clients.callers.items():
             kept += await self._collect_caller(auth, client, now, fresh)
         self.store.keep_only(set(kept), set(fresh))
-        self._check_budget(plan)
+        self.capacity.check_budget(plan, self.main.budget)
         if auth_error is not None:
             self.directory.forget_profile()
             return _CycleResult(False, auth_error, fresh)
@@ -199,30 +201,8 @@ class PortalPoller:
             first = next((r for r in outcome.values() if isinstance(r, BitrixError)), None)
             no_response = BitrixError(self.portal.name, "batch", Code.NO_RESPONSE)
             return _CycleResult(False, first or no_response, fresh)
-        if request_errors:
-            self.once.say(
-                "requests",
-                f"{request_errors[0]} ({len(request_errors)} of {len(plan)} commands"
-                " lost; they keep their last values until stale_after)",
-                signature=request_errors[0].error,
-            )
-        else:
-            self.once.resolve(
-                "requests", f"portal {self.portal.name}: batch requests succeed again"
-            )
+        self.fetch_log.requests(request_errors, len(plan))
         return _CycleResult(True, None, fresh)
-
-    def _plan(self, users: list[int], own_user: int) -> list[Planned]:
-        # The same users give the same plan; building it anew every cycle blocked the event
-        # loop for ~0.1 s per 25,000 commands. Nothing changes a plan once it is built.
-        inputs = (tuple(users), own_user)
-        if self._planned is not None and self._planned[0] == inputs:
-            return self._planned[1]
-        plan: list[Planned] = []
-        for source in self.sources:
-            plan += source.plan([own_user] if source.caller_only else users)
-        self._planned = (inputs, plan)
-        return plan
 
     def _take(self, planned: Planned, result: object, now: float) -> bool:
         """Map one command's result into the fetch store; False if it failed."""
@@ -237,36 +217,13 @@ class PortalPoller:
                     samples = planned.source.samples(planned, result)
                 except FetchError as exc:
                     failure = exc
-        key, method = planned.command.key, planned.command.method
         if failure is not None:
-            self.store.fail(key, now, self.config.stale_after)
-            self._report(planned, failure)
+            self.store.fail(planned.command.key, now, self.config.stale_after)
+            self.fetch_log.failed(planned, failure)
             return False
-        name = self.portal.name
-        self.once.resolve(key, f"portal {name}: {method} for user {planned.user_id} works again")
-        self.once.resolve(f"operating-{method}", f"portal {name}: {method} runs again")
-        self.store.succeed(key, samples, now)
+        self.fetch_log.succeeded(planned)
+        self.store.succeed(planned.command.key, samples, now)
         return True
-
-    def _report(self, planned: Planned, failure: FetchError) -> None:
-        command, name = planned.command, self.portal.name
-        if isinstance(failure, BitrixError) and failure.whole_batch:
-            return  # the whole request failed: said once for the portal, not per user
-        if failure.error == "OPERATION_TIME_LIMIT":
-            # The portal blocked the method for the credential, not for this user: one
-            # line per method, not one per command (thousands on a big portal).
-            self.once.say(
-                f"operating-{command.method}",
-                f"portal {name}: {command.method}: {failure.error}: {failure.description}"
-                " (held back until the portal's operating window resets)",
-                signature=failure.error,
-            )
-            return
-        self.once.say(
-            command.key,
-            f"portal {name}: {command.method} for user {planned.user_id}"
-            f" ({planned.source.describe(command)}): {failure.error}: {failure.description}",
-        )
 
     async def _collect_caller(
         self, auth: WebhookAuth, client: BitrixClient, now: float, fresh: dict[Owner, bool]
@@ -323,40 +280,3 @@ class PortalPoller:
             cycles=self.cycles,
             error=error,
         )
-
-    # -- capacity warnings ------------------------------------------------------
-
-    def _check_load(self, commands: int) -> None:
-        """Say once if the configured load cannot fit the poll interval under the rate limit."""
-        warning = load_warning(
-            self.portal.name,
-            commands,
-            len(self.clients.callers),
-            self.portal.rate_limit.requests_per_second,
-            self.config.poll_interval,
-        )
-        if warning is None:
-            self.once.resolve("load")
-        else:
-            self.once.say("load", warning)
-
-    def _check_budget(self, plan: list[Planned]) -> None:
-        """Say once per method if one cycle's calls cost more than the operating limit allows.
-
-        Never resolved: the cost is an estimate that moves around the limit from call to
-        call, and the warning is about the configured load, not about one cycle."""
-        calls = Counter(planned.command.method for planned in plan)
-        for method, count in calls.items():
-            cost = self.main.budget.cost_of(method)
-            warning = None
-            if cost is not None:
-                warning = budget_warning(
-                    self.portal.name,
-                    method,
-                    cost,
-                    count,
-                    self.config.poll_interval,
-                    self.portal.operating_limit,
-                )
-            if warning is not None:
-                self.once.say(f"budget-{method}", warning, signature="over")

@@ -61,6 +61,27 @@ def check_method(source: Source, command: Command) -> None:
         raise TypeError(f"{source.name} source cannot map a {command.method} result")
 
 
+class Planner:
+    """The commands of a cycle from a portal's sources, kept while the users stay the same.
+
+    Building the plan anew every cycle blocked the event loop for ~0.1 s per 25,000
+    commands; nothing changes a plan once it is built."""
+
+    def __init__(self, sources: Sequence[Source]) -> None:
+        self.sources = tuple(sources)
+        self._last: tuple[tuple[tuple[int, ...], int], list[Planned]] | None = None
+
+    def plan(self, users: Sequence[int], own_user: int) -> list[Planned]:
+        inputs = (tuple(users), own_user)
+        if self._last is not None and self._last[0] == inputs:
+            return self._last[1]
+        plan: list[Planned] = []
+        for source in self.sources:
+            plan += source.plan([own_user] if source.caller_only else users)
+        self._last = (inputs, plan)
+        return plan
+
+
 def sources_for(portal: Portal) -> tuple[Source, ...]:
     """The enabled sources of a portal, in the order their commands are sent."""
     from exporter.sources.im import ImSource
