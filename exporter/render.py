@@ -237,6 +237,9 @@ class Publisher:
     current: Exposition | None = None
     # Portals whose snapshot is in `current` (readiness means "on /metrics", not "polled").
     rendered: frozenset[str] = frozenset()
+    # Bodies assembled, and coalescing windows that rendered (the benchmarks report both).
+    assemblies: int = 0
+    windows: int = 0
     _blocks: dict[str, dict[Family, str]] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _stale: bool = False
@@ -267,6 +270,7 @@ class Publisher:
         """Render pending snapshots in the calling thread (for --once)."""
         self._blocks.update(_render_blocks(self._take_dirty()))
         self.current = assemble(self._ordered_blocks(), self.info)
+        self.assemblies += 1
         self.rendered = frozenset(self._blocks)
         return self.current
 
@@ -295,6 +299,7 @@ class Publisher:
             self.current = await loop.run_in_executor(
                 None, assemble, self._ordered_blocks(), self.info
             )
+            self.assemblies += 1
             self.rendered = names
 
     async def run(self, *, min_gap: float = 0.2) -> None:
@@ -302,6 +307,7 @@ class Publisher:
         while True:
             await self._changed.wait()
             self._changed.clear()
+            self.windows += 1
             try:
                 await self.flush()
             except Exception:
