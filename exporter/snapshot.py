@@ -6,9 +6,11 @@ published: the renderer and the status page read it while the next cycle runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from exporter.bitrix import ClientStats
+from exporter.lines import Series
 from exporter.mapping import Sample
 
 
@@ -28,7 +30,9 @@ class PortalSnapshot:
 
     name: str
     up: bool
-    samples: tuple[Sample, ...]
+    # The sources' series as exposition lines; iterating it gives `Sample`s. Any iterable
+    # of samples given here is encoded into one.
+    samples: Series
     statuses: tuple[Status, ...]
     user_names: tuple[tuple[int, str], ...]
     stats: ClientStats
@@ -37,6 +41,11 @@ class PortalSnapshot:
     behind: float
     cycles: int
     error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, Series):
+            given: Iterable[Sample] = self.samples
+            object.__setattr__(self, "samples", Series.of(given))
 
 
 def copy_stats(stats: ClientStats) -> ClientStats:

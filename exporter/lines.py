@@ -1,0 +1,162 @@
+"""Sample lines of the exposition, written once per series when its value is fetched.
+
+A sample line reads the same in the Prometheus text format and in OpenMetrics (only the
+family headers differ), so a fetched series is turned into its line right away: label
+values escaped and the value written as prometheus_client writes them, encoded to UTF-8.
+A portal's series are then kept as bytes per family (`Series`), which is all the renderer
+needs and a fraction of the memory of an object per series, and none of it is for the
+garbage collector to walk. Iterating a `Series` still gives `Sample`s, read back from the
+lines, for the code that wants values rather than text.
+
+>>> from exporter.metrics import IM_UNREAD
+>>> sample = Sample(IM_UNREAD, ("acme", "1", 'say "hi"'), 3.0)
+>>> sample_line(IM_UNREAD.name, IM_UNREAD.labels, sample.labels, sample.value)
+'bitrix24_im_unread{portal="acme",user_id="1",counter="say \\\\"hi\\\\""} 3.0\\n'
+>>> list(Series.of([sample])) == [sample]
+True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import cast
+
+from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
+
+from exporter.mapping import Sample
+from exporter.metrics import Family
+
+# prometheus_client leaves it untyped; its behaviour is plain.
+format_value = cast(Callable[[float], str], _untyped_float_to_go_string)
+
+# One fetch's lines: family name, its lines, family name, its lines, ... Names rather than
+# `Family` objects, so that the tuple holds no object the garbage collector tracks.
+Lines = tuple[str | bytes, ...]
+
+
+def escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def sample_line(
+    name: str, label_names: Iterable[str], label_values: Iterable[str], value: float
+) -> str:
+    """One line of exposition text, as prometheus_client's generate_latest writes it."""
+    labels = ",".join(
+        f'{key}="{escape_label(val)}"' for key, val in zip(label_names, label_values, strict=True)
+    )
+    if labels:
+        return f"{name}{{{labels}}} {format_value(value)}\n"
+    return f"{name} {format_value(value)}\n"
+
+
+def encode(text: str) -> bytes:
+    # "replace": a lone surrogate (a "\ud800" escape is valid JSON) in a name or counter
+    # from the portal becomes "?" instead of failing the render.
+    return text.encode("utf-8", "replace")
+
+
+def encode_samples(samples: Iterable[Sample], families: dict[str, Family]) -> Lines:
+    """The samples' lines grouped by family, each family's in the samples' order.
+
+    Every family met is recorded in `families` (by name), for reading the lines back.
+    """
+    grouped: dict[str, list[str]] = {}
+    for sample in samples:
+        family = sample.family
+        lines = grouped.get(family.name)
+        if lines is None:
+            lines = grouped[family.name] = []
+            families.setdefault(family.name, family)
+        lines.append(sample_line(family.name, family.labels, sample.labels, sample.value))
+    flat: list[str | bytes] = []
+    for name, lines in grouped.items():
+        flat += (name, encode("".join(lines)))
+    return tuple(flat)
+
+
+class Block:
+    """One family's lines of one portal; the pieces are joined once, when first read.
+
+    A block is built on the event loop from references (cheap) and joined in the render
+    thread. Joining twice by a race would only do the same work twice.
+    """
+
+    __slots__ = ("_data", "_pieces", "family")
+
+    def __init__(self, family: Family, pieces: Iterable[bytes]) -> None:
+        self.family = family
+        self._pieces: tuple[bytes, ...] | None = tuple(pieces)
+        self._data: bytes | None = None
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            assert self._pieces is not None
+            self._data = b"".join(self._pieces)
+            self._pieces = None
+        return self._data
+
+
+class Series:
+    """A portal's fetched series: per family, its sample lines in fetch order."""
+
+    __slots__ = ("_blocks",)
+
+    def __init__(self, blocks: Iterable[Block] = ()) -> None:
+        self._blocks: dict[Family, Block] = {b.family: b for b in blocks}
+
+    @classmethod
+    def of(cls, samples: Iterable[Sample]) -> Series:
+        families: dict[str, Family] = {}
+        lines = encode_samples(samples, families)
+        return cls(
+            Block(families[cast(str, name)], (cast(bytes, data),))
+            for name, data in zip(lines[::2], lines[1::2], strict=True)
+        )
+
+    @property
+    def blocks(self) -> Mapping[Family, Block]:
+        return self._blocks
+
+    def block(self, family: Family) -> Block | None:
+        return self._blocks.get(family)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for family, block in self._blocks.items():
+            yield from read_samples(family, block.data)
+
+    def __len__(self) -> int:
+        return sum(block.data.count(b"\n") for block in self._blocks.values())
+
+    def __bool__(self) -> bool:
+        return any(block.data for block in self._blocks.values())
+
+    def __repr__(self) -> str:
+        return f"Series({len(self)} samples in {len(self._blocks)} families)"
+
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"', re.DOTALL)
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def _unescape(text: str) -> str:
+    if "\\" not in text:
+        return text
+    return _ESCAPED.sub(lambda m: "\n" if m[1] == "n" else m[1], text)
+
+
+def read_samples(family: Family, data: bytes) -> Iterator[Sample]:
+    """The samples of `family` back from its lines (a lone surrogate reads back as "?")."""
+    for line in data.decode("utf-8").split("\n"):  # not splitlines(): "\x85" is no break here
+        if not line:
+            continue
+        head, _, value = line.rpartition(" ")
+        brace = head.find("{")
+        labels = (
+            tuple(_unescape(v) for _, v in _LABEL.findall(head, brace + 1, len(head) - 1))
+            if brace >= 0
+            else ()
+        )
+        yield Sample(family, labels, float(value))
