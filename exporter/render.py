@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client import generate_latest as text_generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as _untyped_om_generate
 
-from exporter import __version__, metrics
+from exporter import __version__, heap, metrics
 from exporter.lines import encode, format_value, sample_line
 from exporter.metrics import (
     DURATION_BUCKETS,
@@ -412,7 +412,12 @@ class Publisher:
             self.rendered = names
 
     async def run(self, *, min_gap: float = 0.2) -> None:
-        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once)."""
+        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once).
+
+        What a render leaves alive (snapshots, plans, fetch stores) is frozen out of later
+        garbage collections (`exporter.heap`), as is what the process built at start.
+        """
+        heap.settle()
         while True:
             await self._changed.wait()
             self._changed.clear()
@@ -423,6 +428,7 @@ class Publisher:
                 # A render bug must not freeze /metrics for good: keep serving the last
                 # body, say so, and render again with the next snapshot.
                 log.exception("rendering the exposition failed; serving the previous one")
+            heap.settle()
             await asyncio.sleep(min_gap)
 
 
