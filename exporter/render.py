@@ -415,8 +415,10 @@ class Publisher:
         """Re-render whenever snapshots arrive, coalescing bursts (many portals at once).
 
         What a render leaves alive (snapshots, plans, fetch stores) is frozen out of later
-        garbage collections (`exporter.heap`), as is what the process built at start.
+        garbage collections, as is what the process built at start, and the free heap
+        pages go back to the system (`exporter.heap`).
         """
+        loop = asyncio.get_running_loop()
         heap.settle()
         while True:
             await self._changed.wait()
@@ -429,6 +431,7 @@ class Publisher:
                 # body, say so, and render again with the next snapshot.
                 log.exception("rendering the exposition failed; serving the previous one")
             heap.settle()
+            await loop.run_in_executor(None, heap.trim)
             await asyncio.sleep(min_gap)
 
 

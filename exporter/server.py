@@ -20,7 +20,7 @@ from aiohttp import payload, web
 from aiohttp.abc import AbstractStreamWriter
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
-from exporter import __version__
+from exporter import __version__, heap
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
 from exporter.render import ExporterInfo, Publisher
@@ -171,6 +171,7 @@ def build_app(
     shutdown_grace: float = 3.0,
 ) -> web.Application:
     """The exporter as an aiohttp application; polling starts with the app."""
+    heap.tune_malloc()  # before the render thread exists
     app = web.Application(middlewares=list(middlewares))
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
 
