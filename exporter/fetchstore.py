@@ -5,67 +5,127 @@ A command whose fetch fails keeps its last good samples until they are older tha
 for `bitrix24_last_success_timestamp_seconds`. Nothing here does I/O: the poller tells
 the store what happened and when.
 
-Samples are kept as their exposition lines (`exporter.lines`), one tuple of bytes per
-command: a big portal's ~100,000 series are then a few hundred thousand bytes objects
-rather than a million Python objects the garbage collector walks on every full collection.
+Samples are kept as their exposition lines (`exporter.lines`), and only once: per family,
+one bytes object with every command's lines in the order the commands were first seen,
+and per command (a slot) the length of its lines in an array. A command whose lines
+change has its new lines held aside until the next snapshot joins them in; unchanged
+runs of commands are copied over as they are. A big portal's ~100,000 series are then
+a few large objects rather than an object (or several) per series for the allocator to
+keep and the garbage collector to walk.
 """
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Collection, Iterable, Mapping
+from itertools import accumulate
 from typing import cast
 
-from exporter.lines import Block, Lines, Series, encode_samples
+from exporter.lines import Block, Series, encode_samples
 from exporter.mapping import Sample
 from exporter.metrics import Family
 from exporter.snapshot import Status
 
 Owner = tuple[int, str]  # (user_id, source name)
 
-# One command's last good result: when it last succeeded (None: never), then its lines
-# (`exporter.lines.Lines`: family name, bytes, ...). A plain tuple of immutable values,
-# which the garbage collector stops tracking.
-Fetch = tuple[float | str | bytes | None, ...]
+_NEVER = math.nan  # in `_last`: never succeeded
+
+
+class _Column:
+    """One family's lines of every command: `data` as of the last snapshot, then changes."""
+
+    __slots__ = ("block", "data", "family", "lengths", "pending", "starts")
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+        self.data = b""
+        # Per slot, as in `data`: the length of its lines, and where they start (then the
+        # end). Four bytes each: a portal's lines of one family stay far below 4 GiB.
+        self.lengths = array("I")
+        self.starts = array("I", [0])
+        self.pending: dict[int, bytes] = {}  # slot -> its lines since (b"": none)
+        self.block: Block | None = None
+
+    def current(self, slot: int) -> bytes:
+        """The lines `slot` has now."""
+        if slot in self.pending:
+            return self.pending[slot]
+        if slot + 1 < len(self.starts):
+            return self.data[self.starts[slot] : self.starts[slot + 1]]
+        return b""
+
+    def rebuild(self, slots: int) -> None:
+        """Join the changed lines in; unchanged runs of slots are copied over in one piece."""
+        old = memoryview(self.data)
+        known = len(self.starts) - 1  # slots present in `data`
+        if len(self.lengths) < slots:
+            self.lengths.frombytes(bytes(self.lengths.itemsize * (slots - len(self.lengths))))
+        pieces: list[bytes | memoryview] = []
+        copied = 0  # the next slot whose old lines are not yet taken
+        for slot in sorted(self.pending):
+            if copied < min(slot, known):
+                pieces.append(old[self.starts[copied] : self.starts[min(slot, known)]])
+            lines = self.pending[slot]
+            if lines:
+                pieces.append(lines)
+            self.lengths[slot] = len(lines)
+            copied = slot + 1
+        if copied < known:
+            pieces.append(old[self.starts[copied] : self.starts[known]])
+        self.data = b"".join(pieces)
+        self.starts = array("I", accumulate(self.lengths, initial=0))
+        self.pending = {}
+        self.block = Block(self.family, (self.data,)) if self.data else None  # joins to itself
+
+    def compact(self, keep: list[int], slots: int) -> None:
+        """Renumber: `keep` lists the old slots that stay, in their order (none pending)."""
+        if len(self.lengths) < slots:
+            self.lengths.frombytes(bytes(self.lengths.itemsize * (slots - len(self.lengths))))
+        # Only slots without lines go (a dropped key's lines were dropped), so `data` and
+        # the block stay as they are.
+        self.lengths = array("I", (self.lengths[slot] for slot in keep))
+        self.starts = array("I", accumulate(self.lengths, initial=0))
 
 
 class FetchStore:
     """Last good samples per command key, and the last success per (user, source)."""
 
     def __init__(self) -> None:
-        self.fetches: dict[str, Fetch] = {}
+        self.slots: dict[str, int] = {}  # command key -> its slot, in the order first seen
+        self._last = array("d")  # per slot: when it last succeeded (NaN: never)
+        self._dead = 0  # slots of keys that were dropped
+        self._columns: dict[str, _Column] = {}
+        self._families: dict[str, Family] = {}
+        self._series = Series()
         self.last_success: dict[Owner, float] = {}
         # The (user, source) pairs of the last cycle: when a cycle gets no answer at all,
         # they are the ones that failed.
         self.watched: set[Owner] = set()
-        self._families: dict[str, Family] = {}
-        # Families whose lines changed since `samples()` last built the series; the others
-        # keep their block, so that the renderer sees the same object and reuses its work.
-        self._changed: set[str] = set()
-        self._series = Series()
 
     def succeed(self, key: str, samples: Iterable[Sample], now: float) -> None:
+        slot = self._slot(key)
+        self._last[slot] = now
         lines = encode_samples(samples, self._families)
-        old = self.fetches.get(key)
-        if old is not None and old[1:] == lines:
-            lines = cast(Lines, old[1:])  # the same bytes: keep last cycle's objects
-        else:
-            self._note(cast(Lines, old[1:]) if old is not None else (), lines)
-        self.fetches[key] = (now, *lines)
+        names, data = cast(tuple[str, ...], lines[::2]), cast(tuple[bytes, ...], lines[1::2])
+        new = dict(zip(names, data, strict=True))
+        for name in new.keys() - self._columns.keys():
+            self._columns[name] = _Column(self._families[name])
+        for name, column in self._columns.items():
+            wanted = new.get(name, b"")
+            if column.current(slot) != wanted:
+                column.pending[slot] = wanted
 
     def fail(self, key: str, now: float, stale_after: float) -> None:
         """The fetch of `key` failed at `now`: its samples stay until they are stale."""
-        old = self.fetches.get(key)
-        if old is None:
-            self.fetches[key] = (None,)
-            return
-        last = cast(float | None, old[0])
-        if last is None or now - last > stale_after:
-            self._note(cast(Lines, old[1:]), ())
-            self.fetches[key] = (last,)
+        slot = self._slot(key)
+        last = self._last[slot]
+        if math.isnan(last) or now - last > stale_after:
+            self._drop(slot)
 
     def fail_all(self, now: float, stale_after: float) -> dict[Owner, bool]:
         """No command got an answer: every fetch failed, and so did every watched owner."""
-        for key in list(self.fetches):
+        for key in list(self.slots):
             self.fail(key, now, stale_after)
         return dict.fromkeys(self.watched, False)
 
@@ -78,28 +138,25 @@ class FetchStore:
 
     def keep_only(self, keys: Collection[str], owners: Collection[Owner]) -> None:
         """Drop what belongs to users that left the config or the discovered list."""
-        for key in [k for k in self.fetches if k not in keys]:
-            self._note(cast(Lines, self.fetches.pop(key)[1:]), ())
+        for key in [k for k in self.slots if k not in keys]:
+            self._drop(self.slots.pop(key))
+            self._dead += 1
         for owner in [o for o in self.last_success if o not in owners]:
             del self.last_success[owner]
 
     def samples(self) -> Series:
-        """Every command's last good samples, per family in the order of the commands."""
-        if self._changed:
-            blocks = {b.family.name: b for b in self._series.blocks.values()}
-            pieces: dict[str, list[bytes]] = {name: [] for name in self._changed}
-            for fetch in self.fetches.values():
-                for index in range(1, len(fetch), 2):
-                    wanted = pieces.get(cast(str, fetch[index]))
-                    if wanted is not None:
-                        wanted.append(cast(bytes, fetch[index + 1]))
-            for name, found in pieces.items():
-                if found:
-                    blocks[name] = Block(self._families[name], found)
-                else:
-                    blocks.pop(name, None)
-            self._series = Series(blocks.values())
-            self._changed = set()
+        """Every command's last good samples, per family in the order of the commands.
+
+        The same `Series` (and, per family, the same `Block`) as last time while nothing
+        changed, so that the renderer can reuse its work.
+        """
+        changed = [c for c in self._columns.values() if c.pending]
+        for column in changed:
+            column.rebuild(len(self._last))
+        if changed:
+            self._series = Series(c.block for c in self._columns.values() if c.block is not None)
+        if self._dead > len(self.slots):
+            self._compact()
         return self._series
 
     def statuses(self, fresh: Mapping[Owner, bool], up: bool) -> tuple[Status, ...]:
@@ -109,8 +166,31 @@ class FetchStore:
             for (user_id, source), ok in sorted(fresh.items())
         )
 
-    def _note(self, old: Lines, new: Lines) -> None:
-        """Mark the families of a fetch whose lines changed from `old` to `new`."""
-        for lines in (old, new):
-            for index in range(0, len(lines), 2):
-                self._changed.add(cast(str, lines[index]))
+    def last_fetch(self, key: str) -> float | None:
+        """When the fetch of `key` last succeeded (None: never, or an unknown key)."""
+        slot = self.slots.get(key)
+        if slot is None or math.isnan(self._last[slot]):
+            return None
+        return self._last[slot]
+
+    def _slot(self, key: str) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = self.slots[key] = len(self._last)
+            self._last.append(_NEVER)
+        return slot
+
+    def _drop(self, slot: int) -> None:
+        for column in self._columns.values():
+            if column.current(slot):
+                column.pending[slot] = b""
+
+    def _compact(self) -> None:
+        """Give the live keys slots 0, 1, ... again, once most slots belong to dropped keys."""
+        keep = sorted(self.slots.values())
+        for column in self._columns.values():
+            column.compact(keep, len(self._last))
+        renumber = {old: new for new, old in enumerate(keep)}
+        self.slots = {key: renumber[slot] for key, slot in self.slots.items()}
+        self._last = array("d", (self._last[slot] for slot in keep))
+        self._dead = 0

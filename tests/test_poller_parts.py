@@ -40,7 +40,7 @@ def test_a_fetch_that_never_succeeded_has_no_samples() -> None:
     store = FetchStore()
     store.fail("t1", now=100.0, stale_after=STALE_AFTER)
     assert list(store.samples()) == []
-    assert "t1" in store.fetches
+    assert "t1" in store.slots
 
 
 def test_a_cycle_without_any_answer_fails_every_watched_owner() -> None:
@@ -65,9 +65,8 @@ def test_unchanged_values_keep_last_cycles_objects() -> None:
     store.succeed("t1", [sample(3)], now=1.0)
     store.succeed("t2", [Sample(IM_UNREAD, ("acme", "1", "chat"), 1.0)], now=1.0)
     tasks, im = store.samples().block(TASKS), store.samples().block(IM_UNREAD)
-    lines = store.fetches["t1"][2]
     store.succeed("t1", [sample(3)], now=2.0)
-    assert store.fetches["t1"][0] == 2.0 and store.fetches["t1"][2] is lines
+    assert store.last_fetch("t1") == 2.0
     assert store.samples().block(TASKS) is tasks
     store.succeed("t1", [sample(4)], now=3.0)
     assert store.samples().block(TASKS) is not tasks
@@ -88,7 +87,7 @@ def test_keep_only_forgets_users_that_left() -> None:
     store.succeed("t2", [sample(2)], now=1.0)
     store.finish({(1, "tasks"): True, (2, "tasks"): True}, now=1.0)
     store.keep_only({"t1"}, {(1, "tasks")})
-    assert list(store.fetches) == ["t1"]
+    assert list(store.slots) == ["t1"]
     assert list(store.last_success) == [(1, "tasks")]
 
 
