@@ -30,6 +30,17 @@ from exporter.snapshot import Status
 Owner = tuple[int, str]  # (user_id, source name)
 
 _NEVER = math.nan  # in `_last`: never succeeded
+_NOTHING = hash(())  # in `_prints`: the fingerprint of no samples
+
+
+def fingerprint(samples: Iterable[Sample]) -> int:
+    """A hash of the samples' families, labels and values: equal samples, equal lines.
+
+    Comparing it saves writing the lines of the ~all commands whose counters did not
+    change; two different sets of samples of one command would have to collide in 64 bits
+    (str hashes are salted per process) to be mistaken for each other.
+    """
+    return hash(tuple([(s.family.name, s.labels, s.value) for s in samples]))
 
 
 class _Column:
@@ -94,6 +105,7 @@ class FetchStore:
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}  # command key -> its slot, in the order first seen
         self._last = array("d")  # per slot: when it last succeeded (NaN: never)
+        self._prints = array("q")  # per slot: the fingerprint of the samples its lines show
         self._dead = 0  # slots of keys that were dropped
         self._columns: dict[str, _Column] = {}
         self._families: dict[str, Family] = {}
@@ -106,6 +118,11 @@ class FetchStore:
     def succeed(self, key: str, samples: Iterable[Sample], now: float) -> None:
         slot = self._slot(key)
         self._last[slot] = now
+        samples = list(samples)
+        printed = fingerprint(samples)
+        if printed == self._prints[slot]:
+            return  # the same samples as the lines it has
+        self._prints[slot] = printed
         lines = encode_samples(samples, self._families)
         names, data = cast(tuple[str, ...], lines[::2]), cast(tuple[bytes, ...], lines[1::2])
         new = dict(zip(names, data, strict=True))
@@ -178,9 +195,11 @@ class FetchStore:
         if slot is None:
             slot = self.slots[key] = len(self._last)
             self._last.append(_NEVER)
+            self._prints.append(_NOTHING)
         return slot
 
     def _drop(self, slot: int) -> None:
+        self._prints[slot] = _NOTHING
         for column in self._columns.values():
             if column.current(slot):
                 column.pending[slot] = b""
@@ -193,4 +212,5 @@ class FetchStore:
         renumber = {old: new for new, old in enumerate(keep)}
         self.slots = {key: renumber[slot] for key, slot in self.slots.items()}
         self._last = array("d", (self._last[slot] for slot in keep))
+        self._prints = array("q", (self._prints[slot] for slot in keep))
         self._dead = 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cache
 from typing import cast
 
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
@@ -28,27 +29,44 @@ from exporter.mapping import Sample
 from exporter.metrics import Family
 
 # prometheus_client leaves it untyped; its behaviour is plain.
-format_value = cast(Callable[[float], str], _untyped_float_to_go_string)
+_go_float = cast(Callable[[float], str], _untyped_float_to_go_string)
+# Counters are mostly small whole numbers: their text looked up rather than worked out.
+# (0 is left out: -0.0 equals 0.0 but is written "-0.0".)
+_SMALL = {float(n): _go_float(n) for n in range(1, 10_000)}
 
 # One fetch's lines: family name, its lines, family name, its lines, ... Names rather than
 # `Family` objects, so that the tuple holds no object the garbage collector tracks.
 Lines = tuple[str | bytes, ...]
 
 
+def format_value(value: float) -> str:
+    """A sample value as prometheus_client writes it (Go's float formatting)."""
+    text = _SMALL.get(value)
+    return text if text is not None else _go_float(value)
+
+
 def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return value
+
+
+@cache
+def _template(name: str, label_names: tuple[str, ...]) -> str:
+    """A `str.format` template of a family's lines (names never hold braces)."""
+    if not label_names:
+        return name + " {}\n"
+    return name + "{{" + ",".join(f'{key}="{{}}"' for key in label_names) + "}} {}\n"
 
 
 def sample_line(
-    name: str, label_names: Iterable[str], label_values: Iterable[str], value: float
+    name: str, label_names: tuple[str, ...], label_values: Iterable[str], value: float
 ) -> str:
     """One line of exposition text, as prometheus_client's generate_latest writes it."""
-    labels = ",".join(
-        f'{key}="{escape_label(val)}"' for key, val in zip(label_names, label_values, strict=True)
-    )
-    if labels:
-        return f"{name}{{{labels}}} {format_value(value)}\n"
-    return f"{name} {format_value(value)}\n"
+    values = [escape_label(v) for v in label_values]
+    if len(values) != len(label_names):
+        raise ValueError(f"{name}: {len(label_names)} labels, {len(values)} values")
+    return _template(name, label_names).format(*values, format_value(value))
 
 
 def encode(text: str) -> bytes:
