@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Set
 from itertools import accumulate
-from typing import cast
+from typing import TypeVar, cast
 
 from exporter.lines import Block, Series, encode_samples
 from exporter.mapping import Sample
 from exporter.metrics import Family
-from exporter.snapshot import Status
+from exporter.snapshot import Owner as Owner
+from exporter.snapshot import Statuses
 
-Owner = tuple[int, str]  # (user_id, source name)
+T = TypeVar("T")
 
 _NEVER = math.nan  # in `_last`: never succeeded
 _NOTHING = hash(())  # in `_prints`: the fingerprint of no samples
@@ -99,6 +100,10 @@ class _Column:
         self.starts = array("I", accumulate(self.lengths, initial=0))
 
 
+def _as_set(items: Collection[T]) -> Set[T]:
+    return items if isinstance(items, Set) else set(items)
+
+
 class FetchStore:
     """Last good samples per command key, and the last success per (user, source)."""
 
@@ -155,10 +160,11 @@ class FetchStore:
 
     def keep_only(self, keys: Collection[str], owners: Collection[Owner]) -> None:
         """Drop what belongs to users that left the config or the discovered list."""
-        for key in [k for k in self.slots if k not in keys]:
+        # Set differences: one pass in C over a big portal's ~30,000 keys, not in Python.
+        for key in self.slots.keys() - _as_set(keys):
             self._drop(self.slots.pop(key))
             self._dead += 1
-        for owner in [o for o in self.last_success if o not in owners]:
+        for owner in self.last_success.keys() - _as_set(owners):
             del self.last_success[owner]
 
     def samples(self) -> Series:
@@ -176,12 +182,9 @@ class FetchStore:
             self._compact()
         return self._series
 
-    def statuses(self, fresh: Mapping[Owner, bool], up: bool) -> tuple[Status, ...]:
+    def statuses(self, fresh: Mapping[Owner, bool], up: bool) -> Statuses:
         """One status per (user, source) of the cycle; none succeeds on a portal that is down."""
-        return tuple(
-            Status(user_id, source, ok and up, self.last_success.get((user_id, source)))
-            for (user_id, source), ok in sorted(fresh.items())
-        )
+        return Statuses(fresh, self.last_success, up)
 
     def last_fetch(self, key: str) -> float | None:
         """When the fetch of `key` last succeeded (None: never, or an unknown key)."""

@@ -265,7 +265,7 @@ class PortalPoller:
         self, up: bool, error: str | None, fresh: dict[Owner, bool], duration: float, behind: float
     ) -> PortalSnapshot:
         statuses = self.store.statuses(fresh, up)
-        watched = {s.user_id for s in statuses}
+        watched = {user_id for user_id, _ in fresh}  # not from `statuses`: made when first read
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
         return PortalSnapshot(
             name=self.portal.name,

@@ -6,8 +6,9 @@ published: the renderer and the status page read it while the next cycle runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from exporter.bitrix import ClientStats
 from exporter.lines import Series
@@ -24,6 +25,59 @@ class Status:
     last_success: float | None  # unix time
 
 
+Owner = tuple[int, str]  # (user_id, source name)
+
+
+class Statuses(Sequence[Status]):
+    """One status per (user, source) of a cycle, in order, made when first read.
+
+    A big portal has thousands; making them when the cycle ends held up the event loop
+    (and every scrape) for ~10 ms, so they are made by whoever reads them first, usually
+    the render thread. What they are made from is copied, so later cycles do not change it.
+    """
+
+    def __init__(self, fresh: Mapping[Owner, bool], last: Mapping[Owner, float], up: bool) -> None:
+        self._fresh: dict[Owner, bool] | None = dict(fresh)
+        self._last = dict(last)
+        self._up = up
+        self._made: tuple[Status, ...] = ()
+
+    @property
+    def _statuses(self) -> tuple[Status, ...]:
+        fresh = self._fresh
+        if fresh is not None:
+            last, up = self._last, self._up
+            self._made = tuple(
+                Status(user_id, source, ok and up, last.get((user_id, source)))
+                for (user_id, source), ok in sorted(fresh.items())
+            )
+            self._fresh = None
+        return self._made
+
+    @overload
+    def __getitem__(self, index: int) -> Status: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Status]: ...
+    def __getitem__(self, index: int | slice) -> Status | Sequence[Status]:
+        return self._statuses[index]
+
+    def __len__(self) -> int:
+        return len(self._fresh) if self._fresh is not None else len(self._made)
+
+    def __iter__(self) -> Iterator[Status]:
+        return iter(self._statuses)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Statuses({list(self)!r})"
+
+
 @dataclass(frozen=True)
 class PortalSnapshot:
     """What one portal's last cycle produced; never changed after it is published."""
@@ -33,7 +87,7 @@ class PortalSnapshot:
     # The sources' series as exposition lines; iterating it gives `Sample`s. Any iterable
     # of samples given here is encoded into one.
     samples: Series
-    statuses: tuple[Status, ...]
+    statuses: Sequence[Status]
     user_names: tuple[tuple[int, str], ...]
     stats: ClientStats
     operating_limit: float
