@@ -419,7 +419,7 @@ class Publisher:
         pages go back to the system (`exporter.heap`).
         """
         loop = asyncio.get_running_loop()
-        heap.settle()
+        heap.take_over()
         while True:
             await self._changed.wait()
             self._changed.clear()
