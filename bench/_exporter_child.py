@@ -6,8 +6,10 @@ Loads the config, builds the app with `build_app`, prints `{"baseline_rss_kib": 
 resident memory before any polling) and then serves on 127.0.0.1:PORT until SIGTERM. Besides
 the exporter's own routes it answers `GET /_bench/state`: cycles finished per portal, whether
 the last of them is rendered, each portal's last cycle duration and lateness, the process's
-RSS, peak RSS and CPU seconds, and every garbage collection of the oldest generation (when
-it ended and how long it held the interpreter), with the longest of the younger ones.
+RSS, peak RSS and CPU seconds, every garbage collection of the oldest generation (when it
+ended and how long it held the interpreter) with the longest of the younger ones, and every
+time the event loop was held for over 20 ms (a 1 ms timer's lateness; what ended meanwhile:
+a cycle, a render).
 `?objects=1` adds the number of objects the collector tracks (and how many are frozen).
 
 With `BENCH_TRACEMALLOC=1` in its environment the child traces allocations from just before
@@ -65,6 +67,28 @@ class GcWatch:
 GC = GcWatch()
 gc.callbacks.append(GC)
 
+# Event loop stalls over 20 ms: (monotonic end, ms, what ended meanwhile: "cycle" when a
+# portal finished a cycle, "render" when a body was assembled).
+STALLS: list[tuple[float, float, str]] = []
+
+
+async def watch_loop(app: web.Application) -> None:
+    """A 1 ms timer's lateness is how long the loop was held by something else."""
+
+    def marks() -> tuple[int, int]:
+        pollers = app[SUPERVISOR].pollers if SUPERVISOR in app else {}
+        return sum(p.cycles for p in pollers.values()), app[PUBLISHER].assemblies
+
+    while True:
+        before = marks()
+        started = time.perf_counter()
+        await asyncio.sleep(0.001)
+        late = time.perf_counter() - started - 0.001
+        if late > 0.020:
+            after = marks()
+            what = [n for n, b, a in zip(("cycle", "render"), before, after, strict=True) if a > b]
+            STALLS.append((time.monotonic(), late * 1000, "+".join(what)))
+
 
 async def state(request: web.Request) -> web.Response:
     app = request.app
@@ -87,6 +111,7 @@ async def state(request: web.Request) -> web.Response:
             "windows": publisher.windows,
             "thread_cpu": thread_cpu_seconds(),
             "gc_full": GC.full,
+            "stalls": STALLS,
             "gc_young": GC.young,
             "gc_young_max": GC.young_max,
             **(
@@ -126,11 +151,13 @@ async def main() -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
+    watcher = asyncio.create_task(watch_loop(app))
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     await stopped.wait()
+    watcher.cancel()
     await runner.cleanup()
 
 

@@ -18,11 +18,12 @@ answers). Then a second exporter polls back to back (poll_interval 1s, so a cycl
 render are always running) while this process scrapes it without pause until 5 cycles have
 finished; the slowest of those scrapes is reported, with the load average before and after,
 the slowest divided by the idle exporter's median for Prometheus' request in the same run
-(steadier on a shared machine than the slowest alone), and the full garbage collections the
-exporter timed meanwhile. `--drift N` has the fake portal give N (user, role) counter sets
-new values every second (by default no value changes between cycles). The servers are
-pinned to CPU 0, this process and the fake portal to the other CPUs, the fake at the lowest
-priority so that a busy fake does not delay the client.
+(steadier on a shared machine than the slowest alone), the full garbage collections the
+exporter timed meanwhile, and the times its event loop was held for over 20 ms (how many,
+the longest, how many took in the end of a cycle). `--drift N` has the fake portal give N
+(user, role) counter sets new values every second (by default no value changes between
+cycles). The servers are pinned to CPU 0, this process and the fake portal to the other
+CPUs, the fake at the lowest priority so that a busy fake does not delay the client.
 
 Goal: at least 100x faster than the peer at 100,000 series, and while a poll cycle runs no
 scrape over 50 ms and a p99 under 10 ms.
@@ -258,6 +259,7 @@ async def measure_size(target: int, seconds: float, drift: float) -> dict[str, A
                 "cycle_s": after["durations"],
                 "load": (load_before, os.getloadavg()[0]),
                 "gc_full": [s for end, s in after["gc_full"] if end > start["monotonic"]],
+                "stalls": [x for x in after["stalls"] if x[0] > start["monotonic"]],
             }
     return result
 
@@ -313,6 +315,7 @@ def report(results: list[dict[str, Any]]) -> None:
         # The idle exporter's median for the same request (Prometheus'), from the same run.
         idle = median(next(o for p, o, *_ in r["rows"] if p == PROMETHEUS_PROFILE)["latencies"])
         gcs = d["gc_full"]
+        stalls = d["stalls"]
         rows.append(
             [
                 f"{r['series']:,}",
@@ -325,6 +328,9 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"{max(lat) * 1000:.1f}",
                 f"{max(lat) / idle:,.0f}x",
                 f"{len(gcs)} / {max(gcs, default=0.0) * 1000:.1f}",
+                f"{len(stalls)} / {max((ms for _, ms, _ in stalls), default=0.0):.0f}"
+                f" / {sum(1 for *_, what in stalls if 'cycle' in what)}",
+                sum(1 for x in lat if x > SLOW_SCRAPE),
                 " -> ".join(f"{x:.2f}" for x in d["load"]),
                 verdict(max(lat) <= SLOW_SCRAPE),
                 verdict(percentile(lat, 0.99) <= P99_GOAL),
@@ -343,6 +349,8 @@ def report(results: list[dict[str, Any]]) -> None:
                 "max ms",
                 "max / idle median",
                 "full GCs / longest ms",
+                "loop stalls > 20 ms / longest ms / with a cycle's end",
+                "scrapes > 50 ms",
                 "load avg (1 min) before -> after",
                 "goal max <= 50 ms",
                 "goal p99 <= 10 ms",

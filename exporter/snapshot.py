@@ -52,6 +52,7 @@ class Statuses(Sequence[Status]):
                 for (user_id, source), ok in sorted(fresh.items())
             )
             self._fresh = None
+            self._last = {}
         return self._made
 
     @overload
