@@ -45,59 +45,72 @@ def fingerprint(samples: Iterable[Sample]) -> int:
 
 
 class _Column:
-    """One family's lines of every command: `data` as of the last snapshot, then changes."""
+    """One family's lines of every command: a block as of the last snapshot, then changes."""
 
-    __slots__ = ("block", "data", "family", "lengths", "pending", "starts")
+    __slots__ = ("_starts", "block", "family", "lengths", "pending")
 
     def __init__(self, family: Family) -> None:
         self.family = family
-        self.data = b""
-        # Per slot, as in `data`: the length of its lines, and where they start (then the
-        # end). Four bytes each: a portal's lines of one family stay far below 4 GiB.
-        self.lengths = array("I")
-        self.starts = array("I", [0])
-        self.pending: dict[int, bytes] = {}  # slot -> its lines since (b"": none)
         self.block: Block | None = None
+        # Per slot, as in the block: the length of its lines. Four bytes each: a portal's
+        # lines of one family stay far below 4 GiB.
+        self.lengths = array("I")
+        self._starts: array[int] | None = array("I", [0])
+        self.pending: dict[int, bytes] = {}  # slot -> its lines since (b"": none)
+
+    @property
+    def data(self) -> bytes:
+        return self.block.data if self.block is not None else b""
+
+    @property
+    def starts(self) -> array[int]:
+        """Where each slot's lines start in `data`, then where the last ones end."""
+        if self._starts is None:
+            self._starts = array("I", accumulate(self.lengths, initial=0))
+        return self._starts
 
     def current(self, slot: int) -> bytes:
         """The lines `slot` has now."""
         if slot in self.pending:
             return self.pending[slot]
-        if slot + 1 < len(self.starts):
-            return self.data[self.starts[slot] : self.starts[slot + 1]]
+        if slot < len(self.lengths) and self.lengths[slot]:
+            starts = self.starts
+            return self.data[starts[slot] : starts[slot + 1]]
         return b""
 
     def rebuild(self, slots: int) -> None:
-        """Join the changed lines in; unchanged runs of slots are copied over in one piece."""
+        """A new block with the changed lines in: unchanged runs of slots are taken from the
+        old one in one piece each. Only references here; the render thread joins them."""
         old = memoryview(self.data)
-        known = len(self.starts) - 1  # slots present in `data`
+        starts = self.starts
+        known = len(starts) - 1  # slots present in `data`
         if len(self.lengths) < slots:
             self.lengths.frombytes(bytes(self.lengths.itemsize * (slots - len(self.lengths))))
         pieces: list[bytes | memoryview] = []
         copied = 0  # the next slot whose old lines are not yet taken
         for slot in sorted(self.pending):
             if copied < min(slot, known):
-                pieces.append(old[self.starts[copied] : self.starts[min(slot, known)]])
+                pieces.append(old[starts[copied] : starts[min(slot, known)]])
             lines = self.pending[slot]
             if lines:
                 pieces.append(lines)
             self.lengths[slot] = len(lines)
             copied = slot + 1
         if copied < known:
-            pieces.append(old[self.starts[copied] : self.starts[known]])
-        self.data = b"".join(pieces)
-        self.starts = array("I", accumulate(self.lengths, initial=0))
+            pieces.append(old[starts[copied] : starts[known]])
         self.pending = {}
-        self.block = Block(self.family, (self.data,)) if self.data else None  # joins to itself
+        self._starts = None
+        size = sum(len(piece) for piece in pieces)
+        self.block = Block(self.family, pieces) if size else None
 
     def compact(self, keep: list[int], slots: int) -> None:
         """Renumber: `keep` lists the old slots that stay, in their order (none pending)."""
         if len(self.lengths) < slots:
             self.lengths.frombytes(bytes(self.lengths.itemsize * (slots - len(self.lengths))))
-        # Only slots without lines go (a dropped key's lines were dropped), so `data` and
-        # the block stay as they are.
+        # Only slots without lines go (a dropped key's lines were dropped), so the block
+        # stays as it is.
         self.lengths = array("I", (self.lengths[slot] for slot in keep))
-        self.starts = array("I", accumulate(self.lengths, initial=0))
+        self._starts = None
 
 
 def _as_set(items: Collection[T]) -> Set[T]:

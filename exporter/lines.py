@@ -95,26 +95,31 @@ def encode_samples(samples: Iterable[Sample], families: dict[str, Family]) -> Li
 
 
 class Block:
-    """One family's lines of one portal; the pieces are joined once, when first read.
+    """One family's lines of one portal, as pieces joined once, when first read.
 
-    A block is built on the event loop from references (cheap) and joined in the render
-    thread. Joining twice by a race would only do the same work twice.
+    A block is made on the event loop from references (cheap) and joined by whoever reads
+    it first, usually the render thread. Two threads reading it at once may both join it;
+    each gets the same bytes.
     """
 
     __slots__ = ("_data", "_pieces", "family")
 
-    def __init__(self, family: Family, pieces: Iterable[bytes]) -> None:
+    def __init__(self, family: Family, pieces: Iterable[bytes | memoryview]) -> None:
         self.family = family
-        self._pieces: tuple[bytes, ...] | None = tuple(pieces)
+        self._pieces: tuple[bytes | memoryview, ...] | None = tuple(pieces)
         self._data: bytes | None = None
 
     @property
     def data(self) -> bytes:
-        if self._data is None:
-            assert self._pieces is not None
-            self._data = b"".join(self._pieces)
+        data = self._data
+        if data is None:
+            pieces = self._pieces
+            if pieces is None:  # joined by another thread meanwhile (it sets _data first)
+                return cast(bytes, self._data)
+            data = b"".join(pieces)
+            self._data = data
             self._pieces = None
-        return self._data
+        return data
 
 
 class Series:
