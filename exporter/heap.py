@@ -83,11 +83,29 @@ def trim() -> None:
         libc.malloc_trim(0)
 
 
+_holders: list[int] = []  # the full-collection threshold before the first take_over()
+
+
 def take_over() -> None:
-    """Full collections only from `settle()`; then settle the heap the process starts with."""
-    young, middle, _ = gc.get_threshold()
+    """Full collections only from `settle()`; then settle the heap the process starts with.
+
+    Undone by as many `hand_back()` calls (several apps may run in one process, as in tests).
+    """
+    young, middle, full = gc.get_threshold()
+    _holders.append(full)
     gc.set_threshold(young, middle, FULL_NEVER)
     settle()
+
+
+def hand_back() -> None:
+    """The collector as it was, once the last `take_over()` is undone; nothing frozen."""
+    if not _holders:
+        return
+    full = _holders.pop()
+    if not _holders:
+        young, middle, _ = gc.get_threshold()
+        gc.set_threshold(young, middle, full)
+        gc.unfreeze()
 
 
 def settle() -> None:

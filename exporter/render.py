@@ -420,19 +420,22 @@ class Publisher:
         """
         loop = asyncio.get_running_loop()
         heap.take_over()
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            self.windows += 1
-            try:
-                await self.flush()
-            except Exception:
-                # A render bug must not freeze /metrics for good: keep serving the last
-                # body, say so, and render again with the next snapshot.
-                log.exception("rendering the exposition failed; serving the previous one")
-            heap.settle()
-            await loop.run_in_executor(None, heap.trim)
-            await asyncio.sleep(min_gap)
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                self.windows += 1
+                try:
+                    await self.flush()
+                except Exception:
+                    # A render bug must not freeze /metrics for good: keep serving the last
+                    # body, say so, and render again with the next snapshot.
+                    log.exception("rendering the exposition failed; serving the previous one")
+                heap.settle()
+                await loop.run_in_executor(None, heap.trim)
+                await asyncio.sleep(min_gap)
+        finally:
+            heap.hand_back()
 
 
 def _render_blocks(snapshots: dict[str, PortalSnapshot]) -> dict[str, dict[Family, bytes]]:

@@ -3,13 +3,14 @@ gzip bodies spliced from reused deflate segments decompress to the plain bodies.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import metrics
+from exporter import heap, metrics
 from exporter.lines import Series
 from exporter.mapping import Sample
 from exporter.metrics import Family
@@ -85,3 +86,15 @@ def test_gzip_bodies_are_the_plain_bodies_while_blocks_come_and_go() -> None:
 
 def _without_process(body: bytes) -> bytes:
     return body[: body.index(b"# HELP process_")] if b"# HELP process_" in body else body
+
+
+def test_the_collector_is_handed_back_as_it_was() -> None:
+    """Taking the collector over nests (several apps in one process) and is undone whole."""
+    before = gc.get_threshold()
+    heap.take_over()
+    heap.take_over()
+    assert gc.get_threshold()[2] == heap.FULL_NEVER and gc.get_freeze_count() > 0
+    heap.hand_back()
+    assert gc.get_threshold()[2] == heap.FULL_NEVER
+    heap.hand_back()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
