@@ -98,6 +98,9 @@ async def main() -> None:
     parser.add_argument(
         "--drift", type=float, default=0.0, help="(user, role) counter sets changed per second"
     )
+    parser.add_argument(
+        "--malloc", choices=[*MALLOC, "both"], default="both", help="glibc malloc runs (both)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("1000" if args.quick else "1000,10000")).split(",")]
     print_machine()
@@ -105,7 +108,8 @@ async def main() -> None:
         "users x 5 roles, poll_interval 5s, fake portal without a limit in another process;"
         f" {args.drift:g} counter sets changed per second\n"
     )
-    results = [await measure(u, args.cycles, m, args.drift) for u in sizes for m in MALLOC]
+    runs = list(MALLOC) if args.malloc == "both" else [args.malloc]
+    results = [await measure(u, args.cycles, m, args.drift) for u in sizes for m in runs]
     mib = 1024 * 1024
     rows = []
     for r in results:
