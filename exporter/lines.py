@@ -32,7 +32,7 @@ from exporter.metrics import Family
 _go_float = cast(Callable[[float], str], _untyped_float_to_go_string)
 # Counters are mostly small whole numbers: their text looked up rather than worked out.
 # (0 is left out: -0.0 equals 0.0 but is written "-0.0".)
-_SMALL = {float(n): _go_float(n) for n in range(1, 10_000)}
+_SMALL = {float(n): _go_float(n) for n in range(1, 1_000)}
 
 # One fetch's lines: family name, its lines, family name, its lines, ... Names rather than
 # `Family` objects, so that the tuple holds no object the garbage collector tracks.
