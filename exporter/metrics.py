@@ -155,6 +155,22 @@ RELOAD_TIME = Family(
     (),
 )
 
+ALERT_NOTIFICATIONS = Family(
+    "bitrix24_alert_notifications",
+    "Alertmanager notifications received by an alert receiver (POST /alerts/{receiver}),"
+    " by status (firing, resolved); retries and repeats count again.",
+    "counter",
+    ("receiver", "status"),
+)
+ALERT_DELIVERIES = Family(
+    "bitrix24_alert_deliveries",
+    "Sends of alert notifications into Bitrix24 by an alert receiver, by target (chat: the"
+    " chat message, user: a personal notification) and outcome (ok, failed, duplicate: not"
+    " sent again because it was delivered within the window).",
+    "counter",
+    ("receiver", "target", "outcome"),
+)
+
 # Histogram buckets for request durations: Bitrix24 answers in tens of milliseconds to
 # tens of seconds (a cloud request may run for at most 60 s).
 DURATION_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

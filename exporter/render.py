@@ -13,7 +13,7 @@ import asyncio
 import gzip
 import logging
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -59,6 +59,9 @@ class ExporterInfo:
     shard: tuple[int, int] | None = None
     reload_successful: bool = True
     reload_timestamp: float | None = None
+    # Counter families kept outside the portals (the alert receivers'): label values ->
+    # count, updated in place on the event loop.
+    counters: dict[Family, Mapping[tuple[str, ...], float]] = field(default_factory=dict)
 
 
 PORTAL_FAMILIES = (*PORTAL_HEAD_FAMILIES, *source_families(), *PORTAL_TAIL_FAMILIES)
@@ -68,6 +71,8 @@ GLOBAL_FAMILIES = (
     metrics.POLL_INTERVAL,
     metrics.RELOAD_OK,
     metrics.RELOAD_TIME,
+    metrics.ALERT_NOTIFICATIONS,
+    metrics.ALERT_DELIVERIES,
 )
 
 
@@ -186,6 +191,14 @@ def global_blocks(info: ExporterInfo) -> dict[Family, str]:
         blocks[metrics.RELOAD_TIME] = _line(
             metrics.RELOAD_TIME.name, metrics.RELOAD_TIME, (), info.reload_timestamp
         )
+    for family, counts in info.counters.items():
+        # A dict's items copied by list() in one step under the GIL: this runs in a worker
+        # thread while the event loop may add a key.
+        rows = sorted(list(counts.items()))
+        if rows:
+            blocks[family] = "".join(
+                _line(family.name + "_total", family, labels, count) for labels, count in rows
+            )
     return blocks
 
 
