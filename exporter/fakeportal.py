@@ -11,6 +11,11 @@ truthy), error bodies without a `time` block, the per-portal leaky bucket (503
 application holds scopes (every one of `DEFAULT_SCOPES` unless given): `scope` lists them,
 and a method outside them answers 401 `insufficient_scope`.
 
+For alert delivery it takes `im.message.add` (into chats added with `add_chat`, which only
+their members may write to, or a private dialog), `im.notify.system.add` and
+`im.notify.personal.add`, with the real portal's refusals, and keeps what was sent in
+`messages` and `notifications`.
+
 It also plays the OAuth server (`GET /oauth/token/`, grant_type=refresh_token) for the
 local applications added with `add_oauth_app`: each refresh issues a new access token that
 expires after the app's `access_ttl` and a new refresh token, and the old refresh token
@@ -37,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
@@ -53,6 +59,8 @@ __all__ = [
     "FakeUser",
     "Faults",
     "RecordedRequest",
+    "SentMessage",
+    "SentNotification",
     "demo_portal",
     "parse_php_query",
     "serve",
@@ -107,6 +115,9 @@ _METHOD_SCOPES: Final = {
     "user.current": ("user", "user_basic", "user_brief"),
     "im.counters.get": ("im",),
     "tasks.task.counters.get": ("task",),
+    "im.message.add": ("im",),
+    "im.notify.system.add": ("im",),
+    "im.notify.personal.add": ("im",),
 }
 
 BATCH_MAX_LENGTH: Final = 50
@@ -136,6 +147,17 @@ TOKEN_METHOD: Final = "oauth.token"
 # Parameters that carry a token or a client secret: recorded as <secret>.
 _SECRET_PARAMS: Final = frozenset({"auth", "access_token", "refresh_token", "client_secret"})
 _GROUP_DENIED: Final = "Group not found or access denied. (internal error)"
+# im.message.add and im.notify.*.add (im/classes/general/im_rest.php).
+_MESSAGE_EMPTY: Final = ("MESSAGE_EMPTY", "Message can't be empty")
+_MESSAGE_TYPE: Final = ("MESSAGE_EMPTY", "Wrong message type")
+_USER_ID_EMPTY: Final = ("USER_ID_EMPTY", "User ID can't be empty")
+_USER_NOT_FOUND: Final = ("USER_NOT_FOUND", "User not found")
+_CHAT_ID_EMPTY: Final = ("CHAT_ID_EMPTY", "Chat ID can't be empty")
+_CHAT_FORBIDDEN: Final = ("ACCESS_ERROR", "It is forbidden to send messages to this chat")
+_PARAMS_ERROR: Final = ("PARAMS_ERROR", "Incorrect params")
+# Longer messages are cut and marked, not refused (im/lib/V2/Message.php).
+MESSAGE_MAX_LENGTH: Final = 20_000
+_CHAT_DIALOG_RE: Final = re.compile(r"^(chat|sg|crm)\d+$", re.IGNORECASE)
 # Older portals leak the PHP TypeError of the counter controller (seed page 003).
 _COUNTER_PHP_FILE: Final = "/var/www/html/bitrix/modules/tasks/lib/internals/counter.php"
 
@@ -182,6 +204,38 @@ class Faults:
     reset_rate: float = 0.0  # abort the connection without a response
     query_limit_burst: int = 0  # the next N requests get 503 QUERY_LIMIT_EXCEEDED
     operation_time_limit: bool = False  # every limited method call gets 429
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    """A message `im.message.add` posted: into a chat (`chat_id`) or a private dialog."""
+
+    id: int
+    dialog_id: str
+    chat_id: int | None  # None for a private dialog with `to_user_id`
+    to_user_id: int | None
+    from_user_id: int
+    message: str
+    url_preview: bool
+    system: bool
+
+
+@dataclass(frozen=True)
+class SentNotification:
+    """A notification `im.notify.system.add` (`from_user_id` 0) or `.personal.add` added."""
+
+    id: int
+    user_id: int
+    from_user_id: int
+    kind: str  # "system" | "personal"
+    message: str
+    tag: str
+
+
+@dataclass
+class _Chat:
+    members: set[int]
+    group_id: int | None  # the workgroup whose chat this is (DIALOG_ID sgN)
 
 
 @dataclass(frozen=True)
@@ -346,6 +400,10 @@ class FakePortal:
         self._issued: list[str] = []  # every token ever handed out, for leak checks
         self._tasks: dict[tuple[int, int, str], dict[str, tuple[int, int]]] = {}
         self._im: dict[int, dict[str, Any]] = {}
+        self._chats: dict[int, _Chat] = {}
+        self.messages: list[SentMessage] = []
+        self.notifications: list[SentNotification] = []
+        self._next_message_id = 1
         self._budgets: dict[tuple[str, str], _OperatingBudget] = {}
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
@@ -359,6 +417,9 @@ class FakePortal:
             "tasks.task.counters.get": self._task_counters_get,
             "batch": self._batch,
             "scope": self._scope,
+            "im.message.add": self._message_add,
+            "im.notify.system.add": partial(self._notify_add, kind="system"),
+            "im.notify.personal.add": partial(self._notify_add, kind="personal"),
         }
         self.app = web.Application()
         for http_method in ("GET", "POST"):
@@ -467,6 +528,16 @@ class FakePortal:
     def set_im_counters(self, user_id: int, payload: dict[str, Any]) -> None:
         """Set the whole `im.counters.get` result for this user."""
         self._im[user_id] = copy.deepcopy(payload)
+
+    def add_chat(
+        self, chat_id: int, members: tuple[int, ...], *, group_id: int | None = None
+    ) -> str:
+        """A group chat the `members` may write to; returns its DIALOG_ID (`chatN`).
+
+        With `group_id` it is that workgroup's chat, also reachable as `sg{group_id}`.
+        """
+        self._chats[chat_id] = _Chat(set(members), group_id)
+        return f"chat{chat_id}"
 
     def add_group(self, group_id: int) -> None:
         """Make `groupId` valid for `tasks.task.counters.get`."""
@@ -784,6 +855,86 @@ class FakePortal:
         }
         # The built-in `total` counter collides with the envelope's `total` and becomes 1.
         return _Result(result, total=1)
+
+    def _message_add(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        """`im.message.add` as im_rest.php `messageAdd` checks it, recorded in `messages`."""
+        caller = self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        message = _message_text(query)
+        dialog = str(query.get("DIALOG_ID", "")).strip()
+        chat_id: int | None = None
+        to_user: int | None = None
+        if _CHAT_DIALOG_RE.match(dialog):
+            chat_id = self._chat_of(dialog)
+            if chat_id <= 0:
+                raise _ApiError.of(400, _CHAT_ID_EMPTY)
+            chat = self._chats.get(chat_id)
+            # An unknown chatN is not told apart from a chat the caller may not write to.
+            if chat is None or caller.id not in chat.members:
+                raise _ApiError.of(403, _CHAT_FORBIDDEN)
+        elif dialog:
+            to_user = _php_intval(dialog)
+            if to_user <= 0:
+                raise _ApiError.of(400, _USER_ID_EMPTY)
+            if to_user not in self.users:
+                raise _ApiError.of(400, _USER_NOT_FOUND)
+        else:
+            raise _ApiError.of(400, _PARAMS_ERROR)
+        if len(message) > MESSAGE_MAX_LENGTH:
+            message = message[:MESSAGE_MAX_LENGTH] + " (...)"
+        sent = SentMessage(
+            id=self._new_message_id(),
+            dialog_id=dialog,
+            chat_id=chat_id,
+            to_user_id=to_user,
+            from_user_id=caller.id,
+            message=message,
+            url_preview=str(query.get("URL_PREVIEW", "Y")) != "N",
+            system=str(query.get("SYSTEM", "N")) == "Y",
+        )
+        self.messages.append(sent)
+        return _Result(sent.id)
+
+    def _chat_of(self, dialog: str) -> int:
+        lowered = dialog.lower()
+        if lowered.startswith("sg"):
+            group = int(lowered[2:])
+            return next((i for i, c in self._chats.items() if c.group_id == group), 0)
+        if lowered.startswith("crm"):
+            return 0
+        return int(lowered[4:])
+
+    def _notify_add(self, credential: Credential, params: dict[str, Any], *, kind: str) -> _Result:
+        """`im.notify.system.add` / `.personal.add` (im_rest.php `notifyAdd`).
+
+        TAG is recorded but de-duplicates nothing: the real portal applies TAG and SUB_TAG
+        only to OAuth applications, never to webhooks.
+        """
+        caller = self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        user_id = _php_intval(query.get("TO", query.get("USER_ID")))
+        if user_id <= 0:
+            raise _ApiError.of(400, _USER_ID_EMPTY)
+        message = _message_text(query)
+        user = self.users.get(user_id)
+        if user is None or not user.active:
+            # CIMNotify::Add fails for a user it cannot find and the method passes its
+            # `false` on as the result.
+            return _Result(False)
+        sent = SentNotification(
+            id=self._new_message_id(),
+            user_id=user_id,
+            from_user_id=0 if kind == "system" else caller.id,
+            kind=kind,
+            message=message,
+            tag=str(query.get("TAG", "")),
+        )
+        self.notifications.append(sent)
+        return _Result(sent.id)
+
+    def _new_message_id(self) -> int:
+        self._next_message_id += 1
+        return self._next_message_id - 1
 
     def _scope(self, credential: Credential, params: dict[str, Any]) -> _Result:
         # No scope needed; full=true lists every scope the portal knows instead.
@@ -1116,6 +1267,17 @@ def _php_int_arg(value: Any, position: int, name: str, default: int) -> int:
         f"Argument #{position} (${name}) must be of type int, {_php_type(value)} given, "
         f"called in {_COUNTER_PHP_FILE} on line 78 (internal error)",
     )
+
+
+def _message_text(query: dict[str, Any]) -> str:
+    """MESSAGE of im.message.add / im.notify.*: a non-empty string once trimmed."""
+    message = query.get("MESSAGE")
+    if message is not None and not isinstance(message, str):
+        raise _ApiError.of(400, _MESSAGE_TYPE)
+    text = (message or "").strip()
+    if not text:
+        raise _ApiError.of(400, _MESSAGE_EMPTY)
+    return text
 
 
 def _user_record(user: FakeUser) -> dict[str, Any]:
