@@ -1,4 +1,4 @@
-"""The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/` and the exporter's lifecycle.
+"""The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/`, `/alerts/{name}` and the lifecycle.
 
 `/metrics` hands out bytes the publisher rendered after the last poll cycle; no request
 here ever waits on Bitrix24 or renders metrics. A `cleanup_ctx` opens the HTTP session,
@@ -14,12 +14,14 @@ import html
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
 from exporter import __version__
+from exporter.alerts.delivery import ReceiverSettings
+from exporter.alerts.wiring import add_alert_routes
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
 from exporter.render import ExporterInfo, Publisher
@@ -150,10 +152,18 @@ def build_app(
     loader: Callable[[], Config] | None = None,
     middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = (),
     shutdown_grace: float = 3.0,
+    alert_receivers: Sequence[ReceiverSettings] = (),
+    basic_auth: Callable[[], bool] = lambda: False,
 ) -> web.Application:
-    """The exporter as an aiohttp application; polling starts with the app."""
+    """The exporter as an aiohttp application; polling starts with the app.
+
+    `basic_auth` tells whether the web config's basic auth protects every request now.
+    """
     app = web.Application(middlewares=list(middlewares))
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
+    add_alert_routes(
+        app, alert_receivers, lambda: app.get(SUPERVISOR), app[PUBLISHER], basic_auth=basic_auth
+    )
 
     if loader is not None:
         app[LOADER] = loader

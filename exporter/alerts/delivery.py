@@ -59,6 +59,8 @@ class ReceiverSettings(Protocol):
     @property
     def portal(self) -> str: ...
     @property
+    def token(self) -> str | None: ...
+    @property
     def chat(self) -> str | None: ...
     @property
     def notify_user(self) -> bool: ...
@@ -112,8 +114,9 @@ class Report:
 class AlertStats:
     """The receivers' own counters: notifications received, deliveries by outcome."""
 
-    notifications: dict[tuple[str, str], float] = field(default_factory=dict)
-    deliveries: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    # Label values -> count; keys typed as any tuple so the renderer can take them as is.
+    notifications: dict[tuple[str, ...], float] = field(default_factory=dict)
+    deliveries: dict[tuple[str, ...], float] = field(default_factory=dict)
 
     def declare(self, receiver: str, kinds: Sequence[TargetKind]) -> None:
         """Start the receiver's series at 0, so a first increase shows in rate()."""
@@ -138,7 +141,6 @@ class Receiver:
     def __init__(
         self,
         settings: ReceiverSettings,
-        token: str | None,
         portals: Portals,
         stats: AlertStats,
         *,
@@ -149,7 +151,7 @@ class Receiver:
     ) -> None:
         self.settings = settings
         self.name = settings.name
-        self.token = token
+        self.token = settings.token
         self.portals = portals
         self.departments: Departments = departments or NoDepartments()
         self.stats = stats

@@ -13,10 +13,11 @@ two methods and hands it to `build_receivers`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from exporter.bitrix import BitrixClient
+from exporter.poller import PortalPoller
 from exporter.supervisor import Supervisor
 
 
@@ -57,16 +58,21 @@ class NoDepartments:
 class SupervisorPortals:
     """`Portals` read from the supervisor's running pollers at the time of each call.
 
-    A reload replaces pollers, so nothing is cached here.
+    The supervisor starts with the app, after the routes are laid out, and a reload
+    replaces pollers: so it is looked up on every call and nothing is cached.
     """
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: Callable[[], Supervisor | None]) -> None:
         self._supervisor = supervisor
 
+    def _poller(self, portal: str) -> PortalPoller | None:
+        supervisor = self._supervisor()
+        return None if supervisor is None else supervisor.pollers.get(portal)
+
     def client(self, portal: str) -> BitrixClient | None:
-        poller = self._supervisor.pollers.get(portal)
+        poller = self._poller(portal)
         return None if poller is None else poller.clients.main
 
     def user_names(self, portal: str) -> Mapping[int, str]:
-        poller = self._supervisor.pollers.get(portal)
+        poller = self._poller(portal)
         return {} if poller is None else poller.directory.names

@@ -23,11 +23,11 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import hdrs, web
 
-from exporter.alerts.delivery import AlertStats, Receiver
+from exporter.alerts.delivery import AlertStats, Receiver, ReceiverSettings
 from exporter.alerts.payload import PayloadRejected, parse_notification
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,9 @@ PATH = "/alerts/{name}"
 # Alertmanager's webhook_configs keeps bigger groups below this (docs/alerts.md).
 MAX_BODY = 1 << 20
 REALM = "bitrix24-exporter alerts"
+
+
+Rebuild = Callable[[Sequence[ReceiverSettings], Mapping[str, Receiver]], dict[str, Receiver]]
 
 
 class AlertRoutes:
@@ -49,11 +52,27 @@ class AlertRoutes:
         *,
         basic_auth: Callable[[], bool] = lambda: False,
         delivered: Callable[[], None] = lambda: None,
+        rebuild: Rebuild | None = None,
     ) -> None:
         self.receivers = dict(receivers)
         self.stats = stats
+        self.installed = False
         self._basic_auth = basic_auth
         self._delivered = delivered
+        self._rebuild = rebuild
+
+    def apply(self, settings: Sequence[ReceiverSettings]) -> None:
+        """Serve the receivers of a reloaded config."""
+        if self._rebuild is None:
+            return
+        receivers = self._rebuild(settings, self.receivers)
+        if receivers and not self.installed:
+            log.warning(
+                "alert receivers %s need a restart: POST /alerts/{name} is only added at start"
+                " when a receiver is configured",
+                ", ".join(sorted(receivers)),
+            )
+        self.receivers = receivers
 
     async def handle(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -132,6 +151,7 @@ def install(app: web.Application, routes: AlertRoutes) -> None:
     """Add the route, when there is any receiver to serve."""
     if routes.receivers:
         app.router.add_post(PATH, routes.handle)
+        routes.installed = True
 
 
 def _answer(status: int, text: str, headers: Mapping[str, str] | None = None) -> web.Response:
