@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from exporter.yamlcheck import (
@@ -57,15 +57,20 @@ from exporter.yamlcheck import (
 
 __all__ = [
     "ENTERPRISE",
+    "PRIVACY_MODES",
     "ROLES",
     "STANDARD",
     "Config",
     "ConfigError",
+    "DepartmentUsers",
     "ImSettings",
     "OAuthAuth",
     "Portal",
+    "PrivacyMode",
+    "PrivacySettings",
     "RateLimit",
     "TasksSettings",
+    "TeamsSettings",
     "WebhookAuth",
     "load_config",
     "parse_config",
@@ -418,12 +423,28 @@ class OAuthAuth:
                 object.__setattr__(self, name, value + "/")
 
 
-def _users(node: Node) -> str | tuple[int, ...]:
-    form = "must be self, all or a list of user ids"
+def _department_ids(node: Node) -> tuple[int, ...]:
+    if node.value == []:
+        node.fail("must not be empty")
+    return each(node, _positive_id, form="must be a list of department ids")
+
+
+@section
+class DepartmentUsers:
+    """`tasks.users: {departments: [5, 12]}`: the active employees of these departments and
+    of all their sub-departments."""
+
+    departments: tuple[int, ...] = setting(_department_ids)
+
+
+def _users(node: Node) -> str | tuple[int, ...] | DepartmentUsers:
+    form = "must be self, all, a list of user ids or {departments: [ids]}"
     if isinstance(node.value, str):
         if node.value not in ("self", "all"):
             node.fail(form)
         return node.value
+    if isinstance(node.value, dict):
+        return build(DepartmentUsers, node)
     if node.value == []:
         node.fail("must not be empty (use self or all)")
     return each(node, _positive_id, form=form)
@@ -452,7 +473,7 @@ class TasksSettings:
     """What `tasks.task.counters.get` is asked for."""
 
     enabled: bool = setting(boolean, default=True)
-    users: str | tuple[int, ...] = setting(_users, default="self")
+    users: str | tuple[int, ...] | DepartmentUsers = setting(_users, default="self")
     exclude_users: frozenset[int] = setting(_exclude_users, default=frozenset())
     groups: tuple[int, ...] = setting(_groups, default=(0,))
     roles: tuple[str, ...] = setting(_roles, default=("view_all",))
@@ -499,6 +520,72 @@ def _portal_name(node: Node) -> str:
     return node.value
 
 
+@section
+class TeamsSettings:
+    """Departments (`department.get`) and each watched user's departments (`UF_DEPARTMENT`)."""
+
+    enabled: bool = setting(boolean, default=False)
+
+
+PrivacyMode = Literal["none", "pseudonymous", "aggregate"]
+PRIVACY_MODES: Final[tuple[PrivacyMode, ...]] = ("none", "pseudonymous", "aggregate")
+# Shorter keys would let whoever knows one user's id and pseudonym guess the key.
+_MIN_KEY_LENGTH: Final = 16
+
+
+def _long_key(node: Node, key: str) -> str:
+    if len(key) < _MIN_KEY_LENGTH:
+        node.fail(f"must be a key of at least {_MIN_KEY_LENGTH} characters", shown=f"{len(key)}")
+    return key
+
+
+def _pseudonym_key(node: Node) -> str:
+    return _long_key(node, _secret_text(node))
+
+
+def _pseudonym_key_file(node: Node) -> str:
+    return _long_key(node, _secret_file(node))
+
+
+@section
+class PrivacySettings:
+    """What `/metrics` may tell about a person: everything (``none``), user ids replaced by
+    a keyed hash (``pseudonymous``), or department sums only (``aggregate``), each shown
+    only where it covers at least `min_team_size` users."""
+
+    mode: PrivacyMode = setting(one_of(PRIVACY_MODES), default="none")
+    pseudonym_key: str | None = setting(
+        {"pseudonym_key": _pseudonym_key, "pseudonym_key_file": _pseudonym_key_file},
+        default=None,
+        repr=False,
+    )
+    # With 2, each of the two could work out the other's numbers from the sum.
+    min_team_size: int = setting(_int_at_least(3, "must be an integer of 3 or more"), default=5)
+
+
+def _check_privacy(privacy: PrivacySettings, at: Section) -> PrivacySettings:
+    if not at.usable("mode"):
+        return privacy  # already reported; the default mode would mislead
+    given = [key for key in ("pseudonym_key", "pseudonym_key_file") if at.has(key)]
+    if privacy.mode == "pseudonymous" and not given:
+        at.report("pseudonym_key", "is required when mode is pseudonymous (or pseudonym_key_file)")
+    elif privacy.mode != "pseudonymous" and given and at.ok(given[0]):
+        at.report(
+            given[0], f"is only used when mode is pseudonymous (mode is {privacy.mode})", shown=None
+        )
+    return privacy
+
+
+def _check_portal(portal: Portal, at: Section) -> Portal:
+    # Aggregate mode exports department sums only: without departments, nothing at all.
+    privacy = at.given.get("privacy")
+    if at.ok("privacy") and at.usable("teams") and privacy is not None:
+        mode = privacy.child("mode")
+        if portal.privacy.mode == "aggregate" and not portal.teams.enabled and mode is not None:
+            mode.report("aggregate needs teams.enabled: true")
+    return portal
+
+
 # Typed here: a dict literal of checkers with different types would be inferred as object.
 _CREDENTIALS: Final[Mapping[str, Check[WebhookAuth | OAuthAuth]]] = {
     "webhook": _webhook,
@@ -517,9 +604,24 @@ class Portal:
     operating_limit: float = setting(_positive_duration, default=480.0)
     tasks: TasksSettings = setting(nested(TasksSettings), default=TasksSettings())
     im: ImSettings = setting(nested(ImSettings), default=ImSettings())
+    teams: TeamsSettings = setting(nested(TeamsSettings), default=TeamsSettings())
+    privacy: PrivacySettings = setting(
+        nested(PrivacySettings, then=_check_privacy), default=PrivacySettings()
+    )
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of this portal, for the log redaction to know."""
+        found = [webhook.secret for webhook in self.im.webhooks]
+        if isinstance(self.auth, WebhookAuth):
+            found.append(self.auth.secret)
+        else:
+            found += [self.auth.client_secret, self.auth.refresh_token or ""]
+        found.append(self.privacy.pseudonym_key or "")
+        return tuple(secret for secret in found if secret)
 
 
-_portal = nested(Portal, form="must be a portal mapping")
+_portal = nested(Portal, form="must be a portal mapping", then=_check_portal)
 
 
 def _portals(node: Node) -> tuple[Portal, ...]:
@@ -541,6 +643,11 @@ class Config:
     portals_dir: str | None = setting(_local_path, default=None)
     portals: tuple[Portal, ...] = setting(_portals, default=())
     source: str = "<config>"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret in the configuration, for the log redaction to know."""
+        return tuple(secret for portal in self.portals for secret in portal.secrets)
 
 
 # --------------------------------------------------------------------------- across keys

@@ -13,11 +13,14 @@ from exporter.config import (
     STANDARD,
     Config,
     ConfigError,
+    DepartmentUsers,
     ImSettings,
     OAuthAuth,
     Portal,
+    PrivacySettings,
     RateLimit,
     TasksSettings,
+    TeamsSettings,
     WebhookAuth,
     load_config,
     parse_config,
@@ -85,6 +88,8 @@ def test_minimal_config_gets_every_default() -> None:
         enabled=True, users="self", exclude_users=frozenset(), groups=(0,), roles=("view_all",)
     )
     assert portal.im == ImSettings(enabled=True, webhooks=(), chats=False)
+    assert portal.teams == TeamsSettings(enabled=False)
+    assert portal.privacy == PrivacySettings(mode="none", pseudonym_key=None, min_team_size=5)
 
 
 def test_null_values_take_defaults() -> None:
@@ -136,13 +141,20 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             webhook: http://127.0.0.1:8080/rest/3/abc/
             rate_limit: {{requests_per_second: 0.5, burst: 10}}
             tasks: {{users: all}}
+            teams: {{enabled: true}}
+            privacy: {{mode: aggregate, min_team_size: 8}}
+          - name: gamma
+            webhook: http://127.0.0.1:8080/rest/4/def/
+            tasks: {{users: {{departments: [5, 12]}}}}
+            privacy: {{mode: pseudonymous, pseudonym_key_file: pseudonym.key}}
         """,
     )
+    write(tmp_path, "pseudonym.key", "0123456789abcdef0123\n")
     config = load_config("config.yaml", environ={})
     assert config.listen_address == "[::1]:9100"
     assert (config.poll_interval, config.stale_after) == (30.0, 5400.0)
     assert (config.request_timeout, config.user_refresh_interval) == (0.5, 300.0)
-    acme, beta = config.portals
+    acme, beta, gamma = config.portals
     assert acme.name == "acme.prod-1"
     assert acme.auth == WebhookAuth(f"https://acme.bitrix24.com:8443/sub/rest/7/{SECRET}/")
     assert acme.rate_limit == ENTERPRISE == RateLimit(5.0, 250)
@@ -159,6 +171,11 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert beta.rate_limit == RateLimit(0.5, 10)
     assert beta.tasks.users == "all"
+    assert beta.teams == TeamsSettings(enabled=True)
+    assert beta.privacy == PrivacySettings(mode="aggregate", min_team_size=8)
+    assert gamma.tasks.users == DepartmentUsers(departments=(5, 12))
+    assert gamma.privacy.mode == "pseudonymous"
+    assert gamma.privacy.pseudonym_key == "0123456789abcdef0123"
     assert config.source == "config.yaml"
 
 
@@ -359,6 +376,37 @@ def test_no_secret_in_repr() -> None:
     assert str(config.portals[0].auth) == "https://acme.bitrix24.com/rest/1/<secret>/"
 
 
+def test_secrets_are_collected_and_hidden() -> None:
+    """Config.secrets lists every secret the file holds (what log redaction is given), and
+    none of them shows in repr."""
+    key = SECRET + "-pseudonyms"
+    config = parse_config(
+        {
+            "portals": [
+                {
+                    "name": "a",
+                    "webhook": HOOK,
+                    "im": {"webhooks": [f"https://acme.bitrix24.com/rest/2/{SECRET}x/"]},
+                    "privacy": {"mode": "pseudonymous", "pseudonym_key": key},
+                },
+                {
+                    "name": "b",
+                    "oauth": {
+                        "client_endpoint": "https://b/rest/",
+                        "client_id": "app",
+                        "client_secret": SECRET + "c",
+                        "refresh_token": SECRET + "r",
+                        "state_file": "/s.json",
+                    },
+                },
+            ]
+        },
+        environ={},
+    )
+    assert sorted(config.secrets) == sorted([SECRET, SECRET + "x", key, SECRET + "c", SECRET + "r"])
+    assert SECRET not in repr(config)
+
+
 @pytest.mark.parametrize(
     ("url", "redacted"),
     [
@@ -470,6 +518,7 @@ _KNOWN_TASKS = "enabled, users, exclude_users, groups, roles"
 _ROLE_LIST = ", ".join(ROLES)
 _FORM = "(https://PORTAL/rest/USER_ID/SECRET/)"
 _ONE_AUTH = "use exactly one of webhook, webhook_file or oauth"
+_USERS_FORM = "must be self, all, a list of user ids or {departments: [ids]}"
 
 BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
@@ -571,7 +620,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         [
             f"config.yaml: pol_interval: unknown key (known: {_KNOWN_TOP})",
             "config.yaml: portals[0].task: unknown key (known: name, webhook, webhook_file, "
-            "oauth, rate_limit, operating_limit, tasks, im)",
+            "oauth, rate_limit, operating_limit, tasks, im, teams, privacy)",
             f"config.yaml: portals[0].tasks.role: unknown key (known: {_KNOWN_TASKS})",
             "config.yaml: portals[0].im.chat: unknown key (known: enabled, webhooks, chats)",
             "config.yaml: portals[0].rate_limit.bursts: unknown key (known: requests_per_second, "
@@ -841,8 +890,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
           - {{name: e, webhook: "{HOOK}", tasks: {{exclude_users: [0, x]}}}}
         """,
         [
-            "config.yaml: portals[0].tasks.users: must be self, all or a list of user ids, "
-            "got 'everyone'",
+            f"config.yaml: portals[0].tasks.users: {_USERS_FORM}, got 'everyone'",
             "config.yaml: portals[1].tasks.users: must not be empty (use self or all), got []",
             "config.yaml: portals[2].tasks.users[0]: must be a positive integer, got 'abc'",
             "config.yaml: portals[2].tasks.users[1]: must be a positive integer, got 0",
@@ -850,10 +898,85 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             "config.yaml: portals[2].tasks.users[3]: must be a positive integer, got true",
             "config.yaml: portals[2].tasks.users[5]: is listed twice, got 5",
             "config.yaml: portals[2].tasks.users[6]: must be a positive integer, got 1.5",
-            "config.yaml: portals[3].tasks.users: must be self, all or a list of user ids, got 5",
+            f"config.yaml: portals[3].tasks.users: {_USERS_FORM}, got 5",
             "config.yaml: portals[3].tasks.exclude_users: must be a list of user ids, got 5",
             "config.yaml: portals[4].tasks.exclude_users[0]: must be a positive integer, got 0",
             "config.yaml: portals[4].tasks.exclude_users[1]: must be a positive integer, got 'x'",
+        ],
+    ),
+    (
+        "task users by department",
+        f"""\
+        portals:
+          - {{name: a, webhook: "{HOOK}", tasks: {{users: {{departments: []}}}}}}
+          - {{name: b, webhook: "{HOOK}", tasks: {{users: {{departments: [5, 0, x, 5]}}}}}}
+          - {{name: c, webhook: "{HOOK}", tasks: {{users: {{department: [5]}}}}}}
+          - {{name: d, webhook: "{HOOK}", tasks: {{users: {{departments: 5}}}}}}
+        """,
+        [
+            "config.yaml: portals[0].tasks.users.departments: must not be empty, got []",
+            "config.yaml: portals[1].tasks.users.departments[1]: must be a positive integer, got 0",
+            "config.yaml: portals[1].tasks.users.departments[2]: must be a positive integer, "
+            "got 'x'",
+            "config.yaml: portals[1].tasks.users.departments[3]: is listed twice, got 5",
+            "config.yaml: portals[2].tasks.users.departments: is required",
+            "config.yaml: portals[2].tasks.users.department: unknown key (known: departments)",
+            "config.yaml: portals[3].tasks.users.departments: must be a list of department ids, "
+            "got 5",
+        ],
+    ),
+    (
+        "teams and privacy",
+        f"""\
+        portals:
+          - name: a
+            webhook: {HOOK}
+            privacy: {{mode: aggregate}}
+          - name: b
+            webhook: {HOOK}
+            teams: {{enabled: true}}
+            privacy: {{mode: pseudonymous}}
+          - name: c
+            webhook: {HOOK}
+            privacy: {{mode: none, pseudonym_key: {SECRET}-long-enough}}
+          - name: d
+            webhook: {HOOK}
+            teams: {{enabled: yes please, departments: true}}
+            privacy: {{mode: anonymous, min_team_size: 2, pseudonym_key: {SECRET}-long-enough}}
+          - name: e
+            webhook: {HOOK}
+            privacy:
+              mode: pseudonymous
+              pseudonym_key: {SECRET}
+              pseudonym_key_file: /run/secrets/pseudonyms
+          - name: f
+            webhook: {HOOK}
+            privacy: {{mode: pseudonymous, pseudonym_key_file: empty.secret}}
+          - name: g
+            webhook: {HOOK}
+            privacy: {{mode: aggregate, pseudonym_key: ["{SECRET}"], min_team_size: 3}}
+            teams: {{enabled: true}}
+        """,
+        [
+            "config.yaml: portals[0].privacy.mode: aggregate needs teams.enabled: true, "
+            "got 'aggregate'",
+            "config.yaml: portals[1].privacy.pseudonym_key: is required when mode is "
+            "pseudonymous (or pseudonym_key_file)",
+            "config.yaml: portals[2].privacy.pseudonym_key: is only used when mode is "
+            "pseudonymous (mode is none)",
+            "config.yaml: portals[3].teams.enabled: must be true or false, got 'yes please'",
+            "config.yaml: portals[3].teams.departments: unknown key (known: enabled)",
+            "config.yaml: portals[3].privacy.mode: must be one of none, pseudonymous, aggregate, "
+            "got 'anonymous'",
+            "config.yaml: portals[3].privacy.min_team_size: must be an integer of 3 or more, got 2",
+            "config.yaml: portals[4].privacy.pseudonym_key: must be a key of at least 16 "
+            "characters, got 11",
+            "config.yaml: portals[4].privacy.pseudonym_key_file: cannot be combined with "
+            "pseudonym_key; use at most one of pseudonym_key or pseudonym_key_file",
+            "config.yaml: portals[4].privacy.pseudonym_key_file: cannot read file (No such file "
+            "or directory), got '/run/secrets/pseudonyms'",
+            "config.yaml: portals[5].privacy.pseudonym_key_file: file is empty, got 'empty.secret'",
+            "config.yaml: portals[6].privacy.pseudonym_key: must be a non-empty string, got a list",
         ],
     ),
     (
