@@ -11,6 +11,7 @@ from exporter.config import (
     ENTERPRISE,
     ROLES,
     STANDARD,
+    AlertReceiver,
     Config,
     ConfigError,
     DepartmentUsers,
@@ -22,6 +23,7 @@ from exporter.config import (
     TasksSettings,
     TeamsSettings,
     WebhookAuth,
+    check_receivers_protected,
     load_config,
     parse_config,
     parse_duration,
@@ -69,6 +71,18 @@ def test_example_config_needs_its_variable() -> None:
         f"{REPO / 'config.example.yaml'}: portals[0].webhook: "
         "environment variable ACME_WEBHOOK is not set"
     ]
+
+
+def test_example_alert_receivers_are_valid(tmp_path: Path) -> None:
+    """The commented alert_receivers example in config.example.yaml is valid uncommented."""
+    text = (REPO / "config.example.yaml").read_text(encoding="utf-8")
+    head, example = text.split("# alert_receivers:\n", 1)
+    lines = [line.removeprefix("# ") for line in example.splitlines()]
+    path = write(tmp_path, "config.yaml", head + "alert_receivers:\n" + "\n".join(lines))
+    config = load_config(path, environ={"ACME_WEBHOOK": HOOK, "ALERTS_TOKEN": "a" * 16})
+    assert config.alert_receivers == (
+        AlertReceiver(name="ops", portal="acme", token="a" * 16, chat="chat42"),
+    )
 
 
 def test_minimal_config_gets_every_default() -> None:
@@ -376,6 +390,53 @@ def test_no_secret_in_repr() -> None:
     assert str(config.portals[0].auth) == "https://acme.bitrix24.com/rest/1/<secret>/"
 
 
+def test_alert_receivers(tmp_path: Path) -> None:
+    """Receivers read every key, a chat may be a user id written as a number, and a receiver
+    without a token is one check_receivers_protected reports unless basic auth protects all."""
+    write(tmp_path, "alerts.token", "file-token-0123456789\n")
+    config = parse_config(
+        {
+            "portals": [{"name": "acme", "webhook": HOOK}],
+            "alert_receivers": [
+                {"name": "ops", "portal": "acme", "token": "t" * 16, "chat": "sg7"},
+                {
+                    "name": "people",
+                    "portal": "acme",
+                    "token_file": "alerts.token",
+                    "chat": 42,
+                    "notify_user": True,
+                    "notify_head": True,
+                    "max_per_minute": 2,
+                },
+                {"name": "open", "portal": "acme", "notify_user": True},
+            ],
+        },
+        source="c.yaml",
+        environ={},
+        base_dir=tmp_path,
+    )
+    ops, people, open_ = config.alert_receivers
+    assert ops == AlertReceiver(name="ops", portal="acme", token="t" * 16, chat="sg7")
+    assert (ops.notify_user, ops.notify_head, ops.max_per_minute) == (False, False, 6)
+    assert people == AlertReceiver(
+        name="people",
+        portal="acme",
+        token="file-token-0123456789",
+        chat="42",
+        notify_user=True,
+        notify_head=True,
+        max_per_minute=2,
+    )
+    assert open_.token is None and open_.chat is None
+    assert "t" * 16 not in repr(config) and "file-token" not in repr(config)
+    assert {"t" * 16, "file-token-0123456789"} <= set(config.secrets)
+    assert check_receivers_protected(config, web_config_has_basic_auth=True) == []
+    assert check_receivers_protected(config, web_config_has_basic_auth=False) == [
+        "c.yaml: alert_receivers[2]: needs token or token_file, or basic_auth_users in the web"
+        " config: otherwise anyone who reaches the exporter can post into Bitrix24"
+    ]
+
+
 def test_secrets_are_collected_and_hidden() -> None:
     """Config.secrets lists every secret the file holds (what log redaction is given), and
     none of them shows in repr."""
@@ -512,7 +573,7 @@ def test_roles() -> None:
 
 _KNOWN_TOP = (
     "listen_address, poll_interval, stale_after, request_timeout, user_refresh_interval, "
-    "portals_dir, portals"
+    "portals_dir, portals, alert_receivers"
 )
 _KNOWN_TASKS = "enabled, users, exclude_users, groups, roles"
 _ROLE_LIST = ", ".join(ROLES)
@@ -978,6 +1039,71 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             "config.yaml: portals[5].privacy.pseudonym_key_file: file is empty, got 'empty.secret'",
             "config.yaml: portals[6].privacy.pseudonym_key: must be a non-empty string, got a list",
         ],
+    ),
+    (
+        "alert receivers",
+        f"""\
+        portals:
+          - {{name: acme, webhook: "{HOOK}"}}
+          - {{name: beta, webhook: "{HOOK}"}}
+        alert_receivers:
+          - name: ops
+            portal: acme
+            token: {SECRET}-alerts
+            chat: chat42
+          - name: ops
+            portal: gamma
+            token: {SECRET}
+            notify_user: true
+          - name: on call
+            portal: acme
+            token_file: /run/secrets/alerts
+            chat: group7
+            max_per_minute: 0
+          - name: quiet
+            portal: beta
+            token: ["{SECRET}"]
+          - portal: acme
+            chat: 0
+            notify_head: "no"
+            max_per_minute: 61
+          - name: idle
+            portal: acme
+            token: {SECRET}-alerts
+        """,
+        [
+            "config.yaml: alert_receivers[1].name: duplicate receiver name (also used by "
+            "alert_receivers[0]), got 'ops'",
+            "config.yaml: alert_receivers[1].portal: must name a portal (acme, beta), got 'gamma'",
+            "config.yaml: alert_receivers[1].token: must be a token of at least 16 characters, "
+            "got 11",
+            "config.yaml: alert_receivers[2].name: must match [a-zA-Z0-9_.-]+, got 'on call'",
+            "config.yaml: alert_receivers[2].token_file: cannot read file (No such file or "
+            "directory), got '/run/secrets/alerts'",
+            "config.yaml: alert_receivers[2].chat: must be a chat like chat42, a workgroup's "
+            "chat like sg7, or a user id, got 'group7'",
+            "config.yaml: alert_receivers[2].max_per_minute: must be an integer from 1 to 60, "
+            "got 0",
+            "config.yaml: alert_receivers[3]: needs a target: chat, notify_user: true or "
+            "notify_head: true",
+            "config.yaml: alert_receivers[3].token: must be a non-empty string, got a list",
+            "config.yaml: alert_receivers[4].name: is required",
+            "config.yaml: alert_receivers[4].chat: must be a chat like chat42, a workgroup's "
+            "chat like sg7, or a user id, got 0",
+            "config.yaml: alert_receivers[4].notify_head: must be true or false, got 'no'",
+            "config.yaml: alert_receivers[4].max_per_minute: must be an integer from 1 to 60, "
+            "got 61",
+            "config.yaml: alert_receivers[5]: needs a target: chat, notify_user: true or "
+            "notify_head: true",
+        ],
+    ),
+    (
+        "alert receivers of the wrong shape",
+        f"""\
+        portals: [{{name: acme, webhook: "{HOOK}"}}]
+        alert_receivers: {{name: ops}}
+        """,
+        ["config.yaml: alert_receivers: must be a list of receivers, got a mapping"],
     ),
     (
         "task groups and roles",
