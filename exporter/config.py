@@ -536,20 +536,19 @@ PRIVACY_MODES: Final[tuple[PrivacyMode, ...]] = ("none", "pseudonymous", "aggreg
 _MIN_SECRET_LENGTH: Final = 16
 
 
-def _long_secret(node: Node, secret: str, what: str) -> str:
-    if len(secret) < _MIN_SECRET_LENGTH:
-        node.fail(
-            f"must be {what} of at least {_MIN_SECRET_LENGTH} characters", shown=f"{len(secret)}"
-        )
-    return secret
+def _long_secret(key: str, what: str) -> Mapping[str, Check[str]]:
+    """`key` or `key`_file (a file holding it), `what` of at least 16 characters."""
 
+    def check(node: Node, secret: str) -> str:
+        if len(secret) < _MIN_SECRET_LENGTH:
+            message = f"must be {what} of at least {_MIN_SECRET_LENGTH} characters"
+            node.fail(message, shown=f"{len(secret)}")
+        return secret
 
-def _pseudonym_key(node: Node) -> str:
-    return _long_secret(node, _secret_text(node), "a key")
-
-
-def _pseudonym_key_file(node: Node) -> str:
-    return _long_secret(node, _secret_file(node), "a key")
+    return {
+        key: lambda node: check(node, _secret_text(node)),
+        f"{key}_file": lambda node: check(node, _secret_file(node)),
+    }
 
 
 @section
@@ -560,7 +559,7 @@ class PrivacySettings:
 
     mode: PrivacyMode = setting(one_of(PRIVACY_MODES), default="none")
     pseudonym_key: str | None = setting(
-        {"pseudonym_key": _pseudonym_key, "pseudonym_key_file": _pseudonym_key_file},
+        _long_secret("pseudonym_key", "a key"),
         default=None,
         repr=False,
     )
@@ -656,14 +655,6 @@ def _dialog_id(node: Node) -> str:
     return value.strip()
 
 
-def _token(node: Node) -> str:
-    return _long_secret(node, _secret_text(node), "a token")
-
-
-def _token_file(node: Node) -> str:
-    return _long_secret(node, _secret_file(node), "a token")
-
-
 @section
 class AlertReceiver:
     """Where Alertmanager's notifications to ``POST /alerts/<name>`` are delivered: a chat,
@@ -673,9 +664,7 @@ class AlertReceiver:
 
     name: str = setting(_name)
     portal: str = setting(_text)
-    token: str | None = setting(
-        {"token": _token, "token_file": _token_file}, default=None, repr=False
-    )
+    token: str | None = setting(_long_secret("token", "a token"), default=None, repr=False)
     chat: str | None = setting(_dialog_id, default=None)
     notify_user: bool = setting(boolean, default=False)
     notify_head: bool = setting(boolean, default=False)
