@@ -28,6 +28,7 @@ from exporter.bitrix import new_session
 from exporter.config import (
     Config,
     ConfigError,
+    check_receivers_protected,
     load_config,
     parse_config,
     parse_listen_address,
@@ -172,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             security = WebSecurity(args.web_config_file)
         except ConfigError as error:
             problems += error.problems
+    if config is not None and (security is not None or not args.web_config_file):
+        problems += check_receivers_protected(config, _has_basic_auth(security))
     if problems or config is None or listen is None:
         for problem in problems:
             print(problem, file=sys.stderr)
@@ -191,18 +194,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = build_app(
         mine,
         info=info,
-        loader=partial(load_shard_config, args.config, shard),
+        loader=partial(load_shard_config, args.config, shard, security),
         middlewares=() if security is None else (security.middleware,),
+        basic_auth=partial(_has_basic_auth, security),
     )
     _serve(app, listen, ssl_context=None if security is None else security.ssl_context)
     return 0
 
 
-def load_shard_config(path: str, shard: Shard | None) -> Config:
+def _has_basic_auth(security: WebSecurity | None) -> bool:
+    """Whether the web config in force asks every request for basic auth."""
+    return security is not None and bool(security.config.users)
+
+
+def load_shard_config(
+    path: str, shard: Shard | None, security: WebSecurity | None = None
+) -> Config:
     """What a reload loads: the config at `path`, reduced to `shard`'s portals."""
     config = load_config(path)
     # Every portal's secrets, this shard's or not: a log line may still name any of them.
     add_secrets(*config_secrets(config))
+    unprotected = check_receivers_protected(config, _has_basic_auth(security))
+    if unprotected:
+        raise ConfigError(unprotected)
     return select_portals(config, shard)
 
 

@@ -14,14 +14,13 @@ import html
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
 from exporter import __version__
-from exporter.alerts.delivery import ReceiverSettings
-from exporter.alerts.wiring import add_alert_routes
+from exporter.alerts.wiring import ALERT_ROUTES, add_alert_routes
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
 from exporter.render import ExporterInfo, Publisher
@@ -98,6 +97,8 @@ async def reload_config(app: web.Application) -> tuple[bool, str]:
             log.error("reload failed, keeping the running config: %s", problem)
         return False, str(error)
     await app[SUPERVISOR].apply(config)
+    if ALERT_ROUTES in app:
+        app[ALERT_ROUTES].apply(config.alert_receivers)
     publisher.info.reload_successful = True
     publisher.info.reload_timestamp = time.time()
     publisher.touch()
@@ -152,7 +153,6 @@ def build_app(
     loader: Callable[[], Config] | None = None,
     middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = (),
     shutdown_grace: float = 3.0,
-    alert_receivers: Sequence[ReceiverSettings] = (),
     basic_auth: Callable[[], bool] = lambda: False,
 ) -> web.Application:
     """The exporter as an aiohttp application; polling starts with the app.
@@ -162,7 +162,11 @@ def build_app(
     app = web.Application(middlewares=list(middlewares))
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     add_alert_routes(
-        app, alert_receivers, lambda: app.get(SUPERVISOR), app[PUBLISHER], basic_auth=basic_auth
+        app,
+        config.alert_receivers,
+        lambda: app.get(SUPERVISOR),
+        app[PUBLISHER],
+        basic_auth=basic_auth,
     )
 
     if loader is not None:

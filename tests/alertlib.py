@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's endsAt of a firing alert
 
 
-@dataclass(frozen=True)
-class Spec:
-    """A receiver as the config declares it (the fields `ReceiverSettings` reads)."""
+TOKEN = "alert-t0ken-for-tests"
 
-    name: str = "ops"
-    portal: str = "acme"
-    token: str | None = "alert-t0ken-for-tests"
-    chat: str | None = "chat42"
-    notify_user: bool = True
-    notify_head: bool = False
-    max_per_minute: int = 20
+
+def receiver(**overrides: Any) -> dict[str, Any]:
+    """An `alert_receivers` entry of the config: ops on acme, chat42, notify_user."""
+    return {
+        "name": "ops",
+        "portal": "acme",
+        "token": TOKEN,
+        "chat": "chat42",
+        "notify_user": True,
+        "max_per_minute": 20,
+        **overrides,
+    }
 
 
 def alert(

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from exporter.alerts.route import MAX_BODY
 from exporter.fakeportal import FakePortal
 from exporter.server import build_app
-from tests.alertlib import Spec, alert, body
+from tests.alertlib import TOKEN, alert, body, receiver
 from tests.conftest import (
     LeakWatch,
     config_of,
@@ -27,7 +27,6 @@ from tests.conftest import (
     wait_for,
 )
 
-TOKEN = Spec().token or ""
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 register_secret(TOKEN)
 
@@ -58,10 +57,11 @@ async def start(
     ) -> None:
         leak_watch.body(f"response body of {params.method} {params.url.path}", params.chunk)
 
-    async def begin(*receivers: Spec, **kwargs: Any) -> TestClient[Any, Any]:
+    async def begin(*receivers: dict[str, Any], **kwargs: Any) -> TestClient[Any, Any]:
         trace = aiohttp.TraceConfig()
         trace.on_response_chunk_received.append(read)
-        app = build_app(config_of(portal_config(url)), alert_receivers=receivers, **kwargs)
+        config = config_of(portal_config(url, alert_receivers=list(receivers)))
+        app = build_app(config, **kwargs)
         client: TestClient[Any, Any] = await aiohttp_client(app, trace_configs=[trace])
 
         async def ready() -> bool:
@@ -87,7 +87,7 @@ async def test_firing_then_resolved_reaches_chat_and_user(start: Start, portal: 
     user's notifications; a repeat delivers nothing; the resolved one is a new message
     and a new notification. The counters say so, and the sends show in the portal's
     request counters."""
-    client = await start(Spec())
+    client = await start(receiver())
     firing = body(alert(labels={"user_id": "3"}))
     status, text, _ = await post(client, firing)
     assert status == 200, text
@@ -146,7 +146,7 @@ async def test_identical_notifications_at_once_send_one_message(
 ) -> None:
     """Two Alertmanagers (or a retry racing the first try) posting the same notification
     together: one message, one notification."""
-    client = await start(Spec())
+    client = await start(receiver())
     firing = body(alert(labels={"user_id": "3"}))
     answers = await asyncio.gather(*(post(client, firing) for _ in range(5)))
     assert [status for status, _, _ in answers] == [200] * 5
@@ -173,7 +173,7 @@ async def test_unauthorised_or_unknown_sends_nothing(
 ) -> None:
     """Without the right bearer token (401, with a Bearer challenge) or to an unknown
     receiver (404) nothing is delivered."""
-    client = await start(Spec())
+    client = await start(receiver())
     got, answer, answer_headers = await post(client, body(), name=name, headers=headers)
     assert got == status
     assert text in answer and answer.count("\n") == 1
@@ -185,7 +185,7 @@ async def test_unauthorised_or_unknown_sends_nothing(
 async def test_bad_bodies_are_refused_with_one_line(start: Start, portal: FakePortal) -> None:
     """Not JSON, the wrong shape, or over the size bound (announced or streamed): 400
     with one line naming the problem, nothing sent, no traceback."""
-    client = await start(Spec())
+    client = await start(receiver())
     cases: list[tuple[Any, str]] = [
         (b"{not json", "alert receiver ops: body: not JSON"),
         (b"[" * 100_000 + b"]" * 100_000, "alert receiver ops: body: not JSON"),
@@ -211,7 +211,7 @@ async def test_bad_bodies_are_refused_with_one_line(start: Start, portal: FakePo
 async def test_unreachable_portal_answers_503_for_a_retry(start: Start, portal: FakePortal) -> None:
     """When Bitrix24 cannot be reached (after the client's own retries) the answer is 503
     with Retry-After, so Alertmanager retries; the retry then delivers."""
-    client = await start(Spec())
+    client = await start(receiver())
     portal.faults.http_500_rate = 1.0
     status, text, headers = await post(client, body(alert(labels={"user_id": "3"})))
     assert status == 503, text
@@ -229,7 +229,7 @@ async def test_a_refused_target_answers_422_and_the_rest_is_delivered(
     """The webhook's user may not write to chat 43 (ACCESS_ERROR) and user 77 does not
     exist (the portal answers false): 422, since a retry would not help; user 3 still
     gets their notification, and the failures are counted."""
-    client = await start(Spec(chat="chat43"))
+    client = await start(receiver(chat="chat43"))
     raw = body(alert("a", labels={"user_id": "3"}), alert("b", labels={"user_id": "77"}))
     status, text, _ = await post(client, raw)
     assert status == 422, text
@@ -256,7 +256,7 @@ async def test_a_refused_target_answers_422_and_the_rest_is_delivered(
 async def test_over_the_cap_answers_503_with_retry_after(start: Start, portal: FakePortal) -> None:
     """With max_per_minute 2 the third send of the minute waits: 503 with Retry-After
     (Alertmanager retries 5xx only); repeats are free and never count."""
-    client = await start(Spec(max_per_minute=2, notify_user=False))
+    client = await start(receiver(max_per_minute=2, notify_user=False))
     for i in range(2):
         status, text, _ = await post(client, body(alert(f"f{i}"), group_key=f"g{i}"))
         assert status == 200, text
@@ -283,14 +283,28 @@ async def test_basic_auth_in_front_replaces_the_bearer_token(
 ) -> None:
     """When basic auth protects every request, Alertmanager's one Authorization header
     is the basic one, so the bearer check is left to it."""
-    client = await start(Spec(), basic_auth=lambda: True)
+    client = await start(receiver(), basic_auth=lambda: True)
     status, text, _ = await post(client, body(), headers={})
     assert status == 200, text
 
 
+async def test_a_receiver_nothing_protects_refuses(start: Start, portal: FakePortal) -> None:
+    """Without a token, the route serves only while basic auth protects the server (the
+    config check refuses the rest at start; basic auth may be taken out later)."""
+    unprotected = receiver()
+    del unprotected["token"]
+    protected = True
+    client = await start(unprotected, basic_auth=lambda: protected)
+    assert (await post(client, body(alert("a"), group_key="a"), headers={}))[0] == 200
+    protected = False
+    status, text, _ = await post(client, body(alert("b"), group_key="b"), headers={})
+    assert (status, text) == (401, "alert receiver ops: not protected by a token or basic auth\n")
+    assert len(portal.messages) == 1
+
+
 async def test_no_secret_in_messages(start: Start, portal: FakePortal) -> None:
     """The receiver's token and the webhook secret never reach the chat."""
-    client = await start(Spec())
+    client = await start(receiver())
     raw = body(alert(labels={"user_id": "3"}))
     raw["externalURL"] = f"http://am:{TOKEN}@alertmanager:9093"
     assert (await post(client, raw))[0] == 200

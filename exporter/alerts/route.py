@@ -80,11 +80,13 @@ class AlertRoutes:
         if receiver is None:
             return _answer(404, f"no alert receiver named {_printable(name)!r}")
         header = request.headers.get(hdrs.AUTHORIZATION)
-        if (
-            receiver.token is not None
-            and not self._basic_auth()
-            and not authorized(header, receiver.token)
-        ):
+        basic_auth = self._basic_auth()
+        if receiver.token is None and not basic_auth:
+            # The config check refuses this at start and on reload; basic auth may still
+            # have been taken out of the web config since.
+            log.error("alert receiver %s: neither a token nor basic auth protects it", name)
+            return _answer(401, f"alert receiver {name}: not protected by a token or basic auth")
+        if receiver.token is not None and not basic_auth and not authorized(header, receiver.token):
             return _answer(
                 401,
                 f"alert receiver {name}: missing or wrong bearer token",
