@@ -1,13 +1,15 @@
-"""Alert delivery without HTTP: the webhook body, the BB-code messages, the delivery memory
-and the per-minute cap (pure functions and objects with an injected clock)."""
+"""Alert delivery without HTTP: the webhook body, the BB-code messages, the delivery memory,
+the per-minute cap (pure functions and objects with an injected clock) and who is told."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from exporter.alerts.delivery import AlertStats, Receiver
 from exporter.alerts.memory import DeliveryMemory, MinuteCap
 from exporter.alerts.messages import (
     MAX_LISTED,
@@ -17,6 +19,7 @@ from exporter.alerts.messages import (
     personal_message,
 )
 from exporter.alerts.payload import PayloadRejected, parse_notification
+from exporter.alerts.people import NoDepartments
 from tests.alertlib import alert, body
 
 NAMES = Names(users={3: "Clara Schmidt"}, departments={15: "R&D"})
@@ -312,3 +315,76 @@ def test_cap_allows_so_many_per_minute() -> None:
     assert cap.take()
     assert not cap.take()
     assert cap.retry_after() == 10
+
+
+# ---- who is told ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A receiver's settings (what the config's AlertReceiver holds)."""
+
+    name: str = "ops"
+    portal: str = "acme"
+    token: str | None = "t"
+    chat: str | None = "chat42"
+    notify_user: bool = True
+    notify_head: bool = True
+    max_per_minute: int = 6
+
+
+class Portal:
+    """The portal as polling knows it: no client needed to plan, and two names."""
+
+    def client(self, portal: str) -> None:
+        return None
+
+    def user_names(self, portal: str) -> dict[int, str]:
+        return {3: "Clara Schmidt", 7: "Hugo Martin"}
+
+
+class Company:
+    """What the teams feature answers: department 15 (R&D) is headed by user 7."""
+
+    def head_of(self, portal: str, department_id: int) -> int | None:
+        return {15: 7}.get(department_id)
+
+    def name_of(self, portal: str, department_id: int) -> str | None:
+        return {15: "R&D"}.get(department_id)
+
+
+def _targets(settings: Settings, departments: Any, *alerts: dict[str, Any]) -> dict[str, str]:
+    receiver = Receiver(settings, Portal(), AlertStats(), departments=departments)
+    return {
+        t.shown: t.params["MESSAGE"] for t in receiver.targets(parse_notification(body(*alerts)))
+    }
+
+
+def test_the_user_and_the_head_of_their_department_are_told() -> None:
+    """notify_user tells the user an alert names; notify_head tells the head of its
+    department, saying which department; someone both named and head is told once, as
+    themselves."""
+    a = alert("a", labels={"user_id": "3", "department_id": "15"}, annotations={"summary": "A"})
+    b = alert("b", labels={"user_id": "7", "department_id": "15"}, annotations={"summary": "B"})
+    assert _targets(Settings(notify_user=False), Company(), a) == {
+        "chat chat42": _targets(Settings(), Company(), a)["chat chat42"],
+        "user 7": "[b]FIRING[/b] in R&D Bitrix24UserTasksOverdue: A",
+    }
+    told = _targets(Settings(), Company(), a, b)
+    assert set(told) == {"chat chat42", "user 3", "user 7"}
+    assert told["user 3"] == "[b]FIRING[/b] Bitrix24UserTasksOverdue: A"
+    assert told["user 7"].splitlines() == [
+        "[b]FIRING[/b]",
+        "Bitrix24UserTasksOverdue: A",
+        "Bitrix24UserTasksOverdue: B",
+    ]
+    assert "Department: R&D" in told["chat chat42"]
+
+
+def test_without_the_company_structure_no_head_is_told() -> None:
+    """Until the teams feature answers, notify_head tells nobody and a department shows
+    by its id."""
+    a = alert("a", labels={"department_id": "15"})
+    told = _targets(Settings(notify_user=False), NoDepartments(), a)
+    assert list(told) == ["chat chat42"]
+    assert "Department: department 15" in told["chat chat42"]
