@@ -14,7 +14,7 @@ import gzip
 import logging
 import platform
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -192,9 +192,7 @@ def global_blocks(info: ExporterInfo) -> dict[Family, str]:
             metrics.RELOAD_TIME.name, metrics.RELOAD_TIME, (), info.reload_timestamp
         )
     for family, counts in info.counters.items():
-        # A dict's items copied by list() in one step under the GIL: this runs in a worker
-        # thread while the event loop may add a key.
-        rows = sorted(list(counts.items()))
+        rows = sorted(counts.items())
         if rows:
             blocks[family] = "".join(
                 _line(family.name + "_total", family, labels, count) for labels, count in rows
@@ -288,6 +286,14 @@ class Publisher:
         self._stale = False
         return {name: self.snapshots[name] for name in dirty if name in self.snapshots}
 
+    def _info_now(self) -> ExporterInfo:
+        """`info` with its counters copied here on the event loop: the worker thread that
+        renders must see them as they are now, not half-way through an update."""
+        counters: dict[Family, Mapping[tuple[str, ...], float]] = {
+            family: dict(counts) for family, counts in self.info.counters.items()
+        }
+        return replace(self.info, counters=counters)
+
     def _ordered_blocks(self) -> list[dict[Family, str]]:
         return [self._blocks[name] for name in sorted(self._blocks)]
 
@@ -306,7 +312,7 @@ class Publisher:
             self._blocks.update(fresh)
             names = frozenset(self._blocks)
             self.current = await loop.run_in_executor(
-                None, assemble, self._ordered_blocks(), self.info
+                None, assemble, self._ordered_blocks(), self._info_now()
             )
             self.rendered = names
 
