@@ -60,6 +60,7 @@ class Status:
     source: str  # "im" or "tasks"
     success: bool
     last_success: float | None  # unix time
+    reason: str | None = None  # why the last fetch failed: an error code such as NoAccess
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,7 @@ class PortalPoller:
         self._load_checked = False
         self._budget_checked = False
         self._planned: tuple[tuple[tuple[int, ...], int | None], _Plan] | None = None
+        self._reasons: dict[tuple[int, str], str] = {}  # (user, source) -> why it failed
         if previous is not None and previous.portal.auth == portal.auth:
             self._carry(previous)
 
@@ -249,7 +251,7 @@ class PortalPoller:
             self._resolve("portal", f"portal {self.portal.name}: poll succeeded again")
         self.cycles += 1
         await asyncio.sleep(0)  # a scrape may go between the mapping and the snapshot
-        return self._snapshot(up, error, fresh, time.monotonic() - started, behind)
+        return self._snapshot(up, error, fresh, time.monotonic() - started, behind, code)
 
     # -- one cycle --------------------------------------------------------------
 
@@ -280,12 +282,16 @@ class PortalPoller:
         auth_error: BitrixError | None = None
         request_errors: list[BitrixError] = []
         fresh: dict[tuple[int, str], bool] = {}
+        self._reasons = {}
         for index, command in enumerate(plan.commands):
             if index % MAP_SLICE == MAP_SLICE - 1:
                 await asyncio.sleep(0)
             user_id, source = plan.owner[command.key]
             result = outcome.get(command.key)
-            ok = self._take(command, user_id, result, now)
+            failure = self._take(command, user_id, result, now)
+            ok = failure is None
+            if failure is not None:
+                self._reasons[user_id, source] = failure
             if isinstance(result, BitrixError):
                 if result.is_auth and auth_error is None:
                     auth_error = result
@@ -407,8 +413,8 @@ class PortalPoller:
         self._planned = (inputs, plan)
         return plan
 
-    def _take(self, command: Command, user_id: int, result: object, now: float) -> bool:
-        """Map one command's result into its stored fetch; False if it failed."""
+    def _take(self, command: Command, user_id: int, result: object, now: float) -> str | None:
+        """Map one command's result into its stored fetch; the failure's code if it failed."""
         fetch = self.fetches.setdefault(command.key, _Fetch())
         name = self.portal.name
         try:
@@ -423,8 +429,9 @@ class PortalPoller:
                 samples = im_counter_samples(name, user_id, result, chats=self.portal.im.chats)
         except (BitrixError, PayloadError, NoAccess) as exc:
             self._expire(fetch, now)
+            code = exc.error if isinstance(exc, BitrixError) else type(exc).__name__
             if isinstance(exc, BitrixError) and exc.whole_batch:
-                return False  # the whole request failed: said once for the portal, not per user
+                return code  # the whole request failed: said once for the portal, not per user
             if isinstance(exc, BitrixError) and exc.error == "OPERATION_TIME_LIMIT":
                 # The portal blocked the method for the credential, not for this user: one
                 # line per method, not one per command (thousands on a big portal).
@@ -434,15 +441,14 @@ class PortalPoller:
                     " (held back until the portal's operating window resets)",
                     signature=exc.error,
                 )
-                return False
+                return code
             reason = exc.description if isinstance(exc, BitrixError) else str(exc)
-            code = exc.error if isinstance(exc, BitrixError) else type(exc).__name__
             self._say(
                 command.key,
                 f"portal {name}: {command.method} for user {user_id}"
                 f" ({self._describe(command)}): {code}: {reason}",
             )
-            return False
+            return code
         self._resolve(
             command.key, f"portal {name}: {command.method} for user {user_id} works again"
         )
@@ -454,7 +460,7 @@ class PortalPoller:
         if renewed != fetch.samples:
             fetch.samples = renewed
         fetch.last_success = now
-        return True
+        return None
 
     async def _collect_im_webhook(
         self, auth: WebhookAuth, client: BitrixClient, now: float
@@ -480,7 +486,10 @@ class PortalPoller:
             if profile.name:
                 self.user_names.setdefault(profile.user_id, profile.name)
         command = Command(f"im_{profile.user_id}", IM_METHOD)
-        return profile.user_id, self._take(command, profile.user_id, outcome.get("im"), now)
+        failure = self._take(command, profile.user_id, outcome.get("im"), now)
+        if failure is not None:
+            self._reasons[profile.user_id, "im"] = failure
+        return profile.user_id, failure is None
 
     def _expire(self, fetch: _Fetch, now: float) -> None:
         if fetch.last_success is None or now - fetch.last_success > self.config.stale_after:
@@ -504,10 +513,17 @@ class PortalPoller:
         fresh: dict[tuple[int, str], bool],
         duration: float,
         behind: float,
+        code: str = "",
     ) -> PortalSnapshot:
         samples = tuple(s for fetch in self.fetches.values() for s in fetch.samples)
         statuses = tuple(
-            Status(user_id, source, ok and up, self.user_success.get((user_id, source)))
+            Status(
+                user_id,
+                source,
+                ok and up,
+                self.user_success.get((user_id, source)),
+                None if ok and up else self._reasons.get((user_id, source)) or code or None,
+            )
             for (user_id, source), ok in sorted(fresh.items())
         )
         watched = {s.user_id for s in statuses}
