@@ -36,10 +36,10 @@ from exporter.config import (
     parse_listen_address,
 )
 from exporter.logs import add_secrets, setup_logging
-from exporter.poller import PortalPoller, PortalSnapshot
 from exporter.render import ExporterInfo, Publisher
 from exporter.server import build_app
 from exporter.sharding import Shard, resolve_shard, select_portals
+from exporter.supervisor import Supervisor
 from exporter.webconfig import WebSecurity
 
 log = logging.getLogger("exporter")
@@ -170,16 +170,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIG
+    # Each input is checked under its own name, and every problem of each is printed.
+    problems: list[str] = []
+    config: Config | None = None
     try:
         config = load_config(args.config)
-        listen = parse_listen_address(args.listen_address or config.listen_address)
-        security = WebSecurity(args.web_config_file) if args.web_config_file else None
     except ConfigError as error:
-        for problem in error.problems:
+        problems += error.problems
+    listen: tuple[str, int] | None = None
+    if args.listen_address is not None:
+        try:
+            listen = parse_listen_address(args.listen_address)
+        except ValueError as error:
+            problems.append(f"--listen-address: {error}")
+    elif config is not None:
+        listen = parse_listen_address(config.listen_address)  # checked with the config
+    security: WebSecurity | None = None
+    if args.web_config_file:
+        try:
+            security = WebSecurity(args.web_config_file)
+        except ConfigError as error:
+            problems += error.problems
+    if problems or config is None or listen is None:
+        for problem in problems:
             print(problem, file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as error:
-        print(f"--listen-address: {error}", file=sys.stderr)
         return EXIT_CONFIG
     add_secrets(*config_secrets(config))
     mine = select_portals(config, shard)
@@ -245,10 +259,7 @@ async def _once(config: Config, info: ExporterInfo | None = None) -> int:
     """One cycle of every portal, the exposition on stdout; 1 if any portal failed."""
     publisher = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     async with new_session() as session:
-        snapshots: list[PortalSnapshot] = []
-        pollers = [PortalPoller(p, config, session, snapshots.append) for p in config.portals]
-        for snapshot in await asyncio.gather(*(p.cycle() for p in pollers)):
-            publisher.publish(snapshot)
+        await Supervisor(config, session, publisher).run_once()
     sys.stdout.buffer.write(publisher.render_now().text)
     sys.stdout.flush()
     failed = [s.name for s in publisher.snapshots.values() if not s.up]

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -43,17 +45,21 @@ import aiohttp
 from exporter.bitrix import (
     MAX_BATCH,
     BitrixClient,
-    BitrixError,
     ClientStats,
     Command,
     OperatingBudget,
     PortalThrottle,
+    RetryPolicy,
 )
+from exporter.clients import credential_for
 from exporter.config import Config, OAuthAuth, Portal, WebhookAuth, redact_url
+from exporter.directory import UserDirectory
+from exporter.failures import BitrixError, FetchError, NoAccess, PayloadError
 from exporter.logs import mask
-from exporter.mapping import NoAccess, PayloadError, Profile, parse_profile, parse_users
+from exporter.mapping import Profile, parse_profile, parse_users
 from exporter.oauth import TokenState, read_state
-from exporter.poller import IM_METHOD, TASKS_METHOD, USERS_FILTER, credential_for
+from exporter.oncelog import OnceLog
+from exporter.sources import Source, sources_for
 
 __all__ = [
     "EXIT_CONFIG",
@@ -84,8 +90,8 @@ USER_SCOPES: Final = ("user_brief", "user", "user_basic")
 WINDOW: Final = 600.0
 # How many portals are checked at once; each stays within its own rate limit anyway.
 PARALLEL_PORTALS: Final = 4
-# Retries per request: enough to ride out one 503, few enough to stay "a handful".
-MAX_RETRIES: Final = 1
+# One retry per request: enough to ride out one 503, few enough to stay "a handful".
+RETRY: Final = RetryPolicy(max_retries=1)
 
 _WEBHOOK_HOWTO: Final = (
     "create an inbound webhook in Bitrix24 (Developer resources -> Other -> Inbound webhook)"
@@ -243,18 +249,24 @@ class RequestLoad:
 
 
 def request_load(
-    portal: Portal, users: int, *, requests_per_second: float, burst: int
+    sources: Sequence[Source],
+    users: Sequence[int],
+    own_user: int,
+    *,
+    callers: int,
+    requests_per_second: float,
+    burst: int,
 ) -> RequestLoad:
-    """What polling `users` users costs in requests per cycle, and how fast that can go.
+    """What one cycle costs in requests, and how fast the portal's bucket lets it go.
 
-    Commands go 50 to a `batch`; each extra im webhook sends one request of its own. From
-    an idle bucket the first `burst` requests leave at once; cycle after cycle the bucket
-    drains `requests_per_second` only.
+    The commands are the sources' plans, as the poller makes them; they go 50 to a `batch`,
+    and each extra per-user webhook (`callers`) sends one request of its own. From an idle
+    bucket the first `burst` requests leave at once; cycle after cycle the bucket drains
+    only `requests_per_second`.
     """
-    tasks, im = portal.tasks, portal.im
-    task_calls = users * len(tasks.groups) * len(tasks.roles) if tasks.enabled else 0
-    commands = task_calls + (1 if im.enabled else 0)
-    requests = math.ceil(commands / MAX_BATCH) + len(im.webhooks)
+    commands = sum(len(s.plan([own_user] if s.caller_only else users)) for s in sources)
+    extra = callers if any(s.caller_only for s in sources) else 0
+    requests = math.ceil(commands / MAX_BATCH) + extra
     return RequestLoad(
         commands=commands,
         requests=requests,
@@ -300,6 +312,7 @@ class PortalDoctor:
         self.checks: list[Check] = []
         self.profile: Profile | None = None
         self.granted: frozenset[str] | None = None  # None: unknown
+        self.sources: tuple[Source, ...] = sources_for(portal)
         self.users: list[int] | None = None  # None: unknown
         self.user_pages = 0
 
@@ -315,7 +328,7 @@ class PortalDoctor:
             else OperatingBudget(self.portal.operating_limit),
             stats=self.stats,
             timeout=self.config.request_timeout,
-            max_retries=MAX_RETRIES,
+            retry=RETRY,
         )
 
     def add(self, name: str, status: str, summary: str, fix: str = "") -> bool:
@@ -540,15 +553,10 @@ class PortalDoctor:
 
     def needed_scopes(self) -> list[tuple[tuple[str, ...], str]]:
         """(acceptable scopes, what needs them) for the features this portal's config uses."""
-        tasks, im = self.portal.tasks, self.portal.im
-        needed: list[tuple[tuple[str, ...], str]] = []
-        if tasks.enabled:
-            needed.append((("task",), TASKS_METHOD))
-        if im.enabled:
-            needed.append((("im",), IM_METHOD))
+        tasks = self.portal.tasks
+        needed = [(source.scopes, source.method) for source in self.sources]
         if tasks.enabled and tasks.users != "self":
             needed.append((USER_SCOPES, USER_METHOD))
-        needed += teams_scopes(self.portal)
         needed += receiver_scopes(self.config, self.portal)
         return needed
 
@@ -600,7 +608,7 @@ class PortalDoctor:
                     self._credential_fix(exc),
                 )
                 continue
-            except (NoAccess, PayloadError) as exc:
+            except FetchError as exc:
                 self.add("im webhook", FAIL, f"{auth.redacted}: profile: {exc}", _WEBHOOK_HOWTO)
                 continue
             who = f"user {profile.user_id} ({profile.name or 'no name'})"
@@ -639,28 +647,17 @@ class PortalDoctor:
 
     async def _all_users(self) -> None:
         excluded = self.portal.tasks.exclude_users
+        directory = UserDirectory(self.portal.name)
         try:
-            first = await self.client.call(USER_METHOD, {"FILTER": USERS_FILTER, "start": 0})
-            records = parse_users(first.result)
-            total = first.total or 0
-            pages = [
-                Command(f"users_{start}", USER_METHOD, {"FILTER": USERS_FILTER, "start": start})
-                for start in range(MAX_BATCH, total, MAX_BATCH)
-            ]
-            outcome = await self.client.batch(pages)
-            for command in pages:
-                page = outcome.get(command.key)
-                if isinstance(page, BitrixError):
-                    raise page
-                records.extend(parse_users(page))
+            await directory.discover(self.client, OnceLog(logging.getLogger(__name__)))
         except BitrixError as exc:
             self.add("users", FAIL, _error_text(exc), "see the error")
             return
-        except PayloadError as exc:
+        except FetchError as exc:
             self.add("users", FAIL, f"user.get: unusable answer: {exc}", "see the error")
             return
-        self.user_pages = 1 + len(pages)
-        everyone = sorted({r.user_id for r in records})
+        everyone = directory.discovered or []
+        self.user_pages = max(1, math.ceil(len(everyone) / MAX_BATCH))
         self.users = [u for u in everyone if u not in excluded]
         left_out = len(everyone) - len(self.users)
         summary = f"tasks.users: all selects {len(self.users)} active employees"
@@ -713,9 +710,12 @@ class PortalDoctor:
             self.add("rate limit", SKIP, "the number of users is unknown (see users)")
             return
         rate = self.portal.rate_limit
+        assert self.profile is not None
         requests = request_load(
-            self.portal,
-            len(self.users),
+            self.sources,
+            self.users,
+            self.profile.user_id,
+            callers=len(self.portal.im.webhooks),
             requests_per_second=rate.requests_per_second,
             burst=rate.burst,
         )
@@ -736,29 +736,24 @@ class PortalDoctor:
 
     async def _method_loads(self, requests: RequestLoad) -> list[MethodLoad]:
         """Call each polled method once, for real, and read its cost from the answer."""
-        tasks, im = self.portal.tasks, self.portal.im
+        assert self.profile is not None and self.users is not None
+        own = self.profile.user_id
         cycle = max(self.config.poll_interval, requests.sustained)
-        calls: list[tuple[str, int, dict[str, Any], tuple[str, ...]]] = []
-        if tasks.enabled and self.users:
-            assert self.profile is not None
-            params = {
-                "userId": self.profile.user_id,
-                "groupId": tasks.groups[0],
-                "type": tasks.roles[0],
-            }
-            count = len(self.users) * len(tasks.groups) * len(tasks.roles)
-            calls.append((TASKS_METHOD, count, params, ("task",)))
-        if im.enabled:
-            calls.append((IM_METHOD, 1, {}, ("im",)))
         loads: list[MethodLoad] = []
-        for method, count, params, scopes in calls:
-            if self.granted is not None and self.granted.isdisjoint(scopes):
-                skipped = f"not called: scope {' or '.join(scopes)} is missing (see scopes)"
+        for source in self.sources:
+            count = len(source.plan([own] if source.caller_only else self.users))
+            sample = source.plan([own])
+            if not count or not sample:
+                continue
+            method = source.method
+            if self.granted is not None and self.granted.isdisjoint(source.scopes):
+                skipped = f"not called: scope {' or '.join(source.scopes)} is missing (see scopes)"
                 loads.append(MethodLoad(method, count, cycle, None, None, skipped=skipped))
                 continue
             failure = ""
             try:
-                await self.client.call(method, params)
+                # The credential's own user: whoever it is, it may read that.
+                await self.client.call(method, sample[0].command.params)
             except BitrixError as exc:
                 failure = _error_text(exc)
             cost, operating = self.budget.cost_of(method), self.budget.operating(method)
@@ -773,8 +768,8 @@ class PortalDoctor:
     def _rate_line(self, load: RequestLoad, suggestion: str) -> None:
         rate = self.portal.rate_limit
         interval = self.config.poll_interval
-        extra = self.portal.im.webhooks
-        webhooks = f", + {len(extra)} for im webhooks" if extra else ""
+        extra = load.requests - math.ceil(load.commands / MAX_BATCH)
+        webhooks = f", + {extra} for im webhooks" if extra else ""
         summary = (
             f"{load.requests} request{'s' if load.requests != 1 else ''} per cycle"
             f" ({load.commands} commands in batches of"
@@ -864,7 +859,7 @@ class PortalDoctor:
     def _call_fix(self, method: str, failure: str) -> str:
         if "insufficient_scope" in failure:
             return "the credential lacks the method's scope (see scopes)"
-        if method == TASKS_METHOD and "Group not found" in failure:
+        if method == "tasks.task.counters.get" and "Group not found" in failure:
             return (
                 f"tasks.groups lists group {self.portal.tasks.groups[0]}, whose tasks the"
                 " credential's user may not see: remove it or use an administrator's webhook"
@@ -882,14 +877,6 @@ class PortalDoctor:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def teams_scopes(portal: Portal) -> list[tuple[tuple[str, ...], str]]:
-    """Scopes the teams feature needs: a hook until `Portal` has a teams section.
-
-    Then: ``[(("department",), "department.get")]`` when teams are enabled.
-    """
-    return []
 
 
 def receiver_scopes(config: Config, portal: Portal) -> list[tuple[tuple[str, ...], str]]:

@@ -11,15 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from exporter.failures import NoAccess as NoAccess
+from exporter.failures import PayloadError as PayloadError
 from exporter.metrics import IM_CHAT_UNREAD, IM_UNREAD, TASKS, Family
-
-
-class PayloadError(ValueError):
-    """A response whose shape the exporter cannot read; the text says what was wrong."""
-
-
-class NoAccess(LookupError):
-    """`result: []`: no permission for that user, an unknown user, or an unknown role."""
 
 
 @dataclass(frozen=True, slots=True)

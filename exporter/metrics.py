@@ -63,7 +63,8 @@ UP = Family(
 )
 COLLECT_SUCCESS = Family(
     "bitrix24_collect_success",
-    "1 if the last poll cycle fetched this user's counters from this source (im or tasks).",
+    "1 if the last poll cycle fetched this user's counters from this source (the Bitrix24"
+    " method: tasks, im).",
     "gauge",
     ("portal", "user_id", "source"),
 )
@@ -158,17 +159,17 @@ RELOAD_TIME = Family(
 # tens of seconds (a cloud request may run for at most 60 s).
 DURATION_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Order in which portal-scoped families appear in the exposition.
-PORTAL_FAMILIES: tuple[Family, ...] = (
+# Order in which portal-scoped families appear in the exposition: these, then each source's
+# families (exporter.sources.source_families), then the client's own.
+PORTAL_HEAD_FAMILIES: tuple[Family, ...] = (
     UP,
     POLL_DURATION,
     POLL_BEHIND,
     COLLECT_SUCCESS,
     LAST_SUCCESS,
     USER_INFO,
-    TASKS,
-    IM_UNREAD,
-    IM_CHAT_UNREAD,
+)
+PORTAL_TAIL_FAMILIES: tuple[Family, ...] = (
     API_REQUESTS,
     API_ERRORS,
     API_REQUEST_DURATION,

@@ -47,8 +47,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from exporter.bitrix import BitrixError
 from exporter.config import OAuthAuth
+from exporter.failures import BitrixError, Code
 from exporter.logs import add_secrets
 
 __all__ = ["TOKEN_METHOD", "OAuthCredential", "TokenState", "read_state", "write_state"]
@@ -277,11 +277,11 @@ class OAuthCredential:
             state = read_state(path)
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise self._stop("state_file", f"cannot read state file {path}: {reason}") from None
+            raise self._stop(Code.STATE_FILE, f"cannot read state file {path}: {reason}") from None
         if state is None:
             if not self.auth.refresh_token:
                 raise self._stop(
-                    "no_refresh_token",
+                    Code.NO_REFRESH_TOKEN,
                     f"state file {path} does not exist and oauth.refresh_token is not set;"
                     " authorise the application and set oauth.refresh_token",
                 )
@@ -330,20 +330,24 @@ class OAuthCredential:
                 status = response.status
                 raw = await response.read()
         except TimeoutError:
-            raise self._pause("timeout", "no answer from the OAuth server in time", None) from None
+            raise self._pause(
+                Code.TIMEOUT, "no answer from the OAuth server in time", None
+            ) from None
         except aiohttp.ClientError as exc:
-            raise self._pause("connection", f"{type(exc).__name__}: {exc}", None) from None
+            raise self._pause(Code.CONNECTION, f"{type(exc).__name__}: {exc}", None) from None
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise self._pause("invalid_response", "the OAuth server's answer is not JSON", status)
+            raise self._pause(
+                Code.INVALID_RESPONSE, "the OAuth server's answer is not JSON", status
+            )
         if "error" in body:
             raise self._refused(str(body["error"]), str(body.get("error_description", "")), status)
         access, refresh = body.get("access_token"), body.get("refresh_token")
         if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-            raise self._pause("invalid_response", "the answer has no token pair", status)
+            raise self._pause(Code.INVALID_RESPONSE, "the answer has no token pair", status)
         add_secrets(access, refresh)
         lifetime = _lifetime(body)
         # expires_in on our own clock rather than the server's `expires`: a skewed clock
@@ -375,7 +379,7 @@ class OAuthCredential:
             raise BitrixError(
                 self.portal,
                 TOKEN_METHOD,
-                "state_file",
+                Code.STATE_FILE,
                 f"cannot write state file {path}: {reason}; the new refresh token is held"
                 " in memory only and is written as soon as the file can be written",
             ) from None

@@ -23,8 +23,14 @@ from prometheus_client.openmetrics.exposition import generate_latest as _untyped
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from exporter import __version__, metrics
-from exporter.metrics import DURATION_BUCKETS, PORTAL_FAMILIES, Family
-from exporter.poller import PortalSnapshot
+from exporter.metrics import (
+    DURATION_BUCKETS,
+    PORTAL_HEAD_FAMILIES,
+    PORTAL_TAIL_FAMILIES,
+    Family,
+)
+from exporter.snapshot import PortalSnapshot
+from exporter.sources import source_families
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class ExporterInfo:
     reload_timestamp: float | None = None
 
 
+PORTAL_FAMILIES = (*PORTAL_HEAD_FAMILIES, *source_families(), *PORTAL_TAIL_FAMILIES)
 GLOBAL_FAMILIES = (
     metrics.BUILD_INFO,
     metrics.SHARD,

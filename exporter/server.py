@@ -32,7 +32,6 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PUBLISHER = web.AppKey("publisher", Publisher)
-CONFIG = web.AppKey("config", Config)
 STATUS_BOOK = web.AppKey("status_book", StatusBook)
 LOADER: web.AppKey[Callable[[], Config]] = web.AppKey("loader")
 
@@ -144,7 +143,6 @@ def build_app(
 ) -> web.Application:
     """The exporter as an aiohttp application; polling starts with the app."""
     app = web.Application(middlewares=list(middlewares))
-    app[CONFIG] = config
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     app[STATUS_BOOK] = StatusBook()
     app[PUBLISHER].listeners.append(app[STATUS_BOOK].observe)

@@ -17,7 +17,7 @@ from typing import Final
 
 from exporter.config import Portal
 from exporter.logs import mask
-from exporter.poller import PortalSnapshot
+from exporter.snapshot import PortalSnapshot
 from exporter.statuspage import BudgetUse, ErrorLine, FailureGroup, PageView, PortalView
 
 __all__ = ["StatusBook", "names_shown"]

@@ -37,8 +37,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from exporter.bitrix import MAX_BATCH, BitrixClient
-from exporter.poller import PortalPoller
+from exporter.bitrix import DEFAULT_RETRY, MAX_BATCH, BitrixClient
 from exporter.server import PUBLISHER, SUPERVISOR
 from tests.conftest import (
     ROOT,
@@ -61,10 +60,10 @@ LATENCY_LIMIT = 0.100
 OPERATING_WINDOW = 2.0  # the fake's operating-time window, so a 429 pause is short
 
 # The retry policy, read from the code rather than copied: each request is sent at most
-# max_retries + 1 times, sleeping at most retry_base * 2**attempt (capped) in between.
-MAX_RETRIES: int = inspect.signature(BitrixClient).parameters["max_retries"].default
-RETRY_BASE: float = inspect.signature(PortalPoller).parameters["retry_base"].default
-RETRY_CAP: float = inspect.signature(BitrixClient).parameters["retry_cap"].default
+# max_retries + 1 times, sleeping at most base * 2**attempt (capped) in between.
+MAX_RETRIES = DEFAULT_RETRY.max_retries
+RETRY_BASE = DEFAULT_RETRY.base
+RETRY_CAP = DEFAULT_RETRY.cap
 ATTEMPTS = MAX_RETRIES + 1
 CONCURRENCY: int = inspect.signature(BitrixClient).parameters["concurrency"].default
 LONGEST_BACKOFF = min(RETRY_CAP, RETRY_BASE * 2 ** (MAX_RETRIES - 1))

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from exporter.bitrix import ClientStats
 from exporter.fakeportal import FakePortal, FakeUser
-from exporter.poller import PortalSnapshot, Status
+from exporter.snapshot import PortalSnapshot, Status
 from exporter.statusbook import StatusBook
 from exporter.statuspage import (
     BudgetUse,

@@ -1,0 +1,53 @@
+"""What one portal's poll cycle produced, frozen for the renderer.
+
+A `PortalSnapshot` is built at the end of every cycle and never changed after it is
+published: the renderer and the status page read it while the next cycle runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exporter.bitrix import ClientStats
+from exporter.mapping import Sample
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Whether one user's counters from one source were fetched in the last cycle."""
+
+    user_id: int
+    source: str  # a source's name: "tasks", "im", ...
+    success: bool
+    last_success: float | None  # unix time
+    reason: str | None = None  # why the last fetch failed: its error code, e.g. NoAccess
+
+
+@dataclass(frozen=True)
+class PortalSnapshot:
+    """What one portal's last cycle produced; never changed after it is published."""
+
+    name: str
+    up: bool
+    samples: tuple[Sample, ...]
+    statuses: tuple[Status, ...]
+    user_names: tuple[tuple[int, str], ...]
+    stats: ClientStats
+    operating_limit: float
+    duration: float | None
+    behind: float
+    cycles: int
+    error: str | None = None
+
+
+def copy_stats(stats: ClientStats) -> ClientStats:
+    """A copy that later requests do not change."""
+    return ClientStats(
+        requests=stats.requests.copy(),
+        errors=stats.errors.copy(),
+        duration_buckets=list(stats.duration_buckets),
+        duration_sum=stats.duration_sum,
+        duration_count=stats.duration_count,
+        rate_limit_wait=stats.rate_limit_wait,
+        operating=dict(stats.operating),
+    )
