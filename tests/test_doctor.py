@@ -57,6 +57,12 @@ REACHABLE = "  OK    reachable: 127.0.0.1 resolves (1 address), HTTP answers (40
 CREDENTIAL = "  OK    credential: webhook accepted"
 ADMIN = "  OK    owner: user 1 (User1 Test), administrator: may read every user's task counters"
 SKIPPED = "  SKIP  other checks: they need a reachable portal and a working credential"
+NOT_ADMIN = [
+    "  FAIL  owner: user 1 (User1 Test) is not an administrator: Bitrix24 answers [] for"
+    " the task counters of users it does not head, so tasks.users: all would export next"
+    " to nothing",
+    "        fix: use a webhook created by a portal administrator, or set tasks.users: self",
+]
 
 
 async def test_a_good_portal_is_all_ok(served: Serve) -> None:
@@ -117,12 +123,7 @@ async def test_a_non_admin_with_users_all_fails(served: Serve) -> None:
     portal = make_portal(users=3, admin=False)
     base = await served(portal)
     text, code = await run_doctor(config(base, tasks={"users": "all"}))
-    assert text.splitlines()[3:5] == [
-        "  FAIL  owner: user 1 (User1 Test) is not an administrator: Bitrix24 answers [] for"
-        " the task counters of users it does not head, so tasks.users: all would export next"
-        " to nothing",
-        "        fix: use a webhook created by a portal administrator, or set tasks.users: self",
-    ]
+    assert text.splitlines()[3:5] == NOT_ADMIN
     assert code == doctor.EXIT_FAILED
     text, code = await run_doctor(config(base, tasks={"users": "self"}))
     assert text.splitlines()[3] == (
@@ -217,10 +218,7 @@ async def test_two_problems_at_once(served: Serve) -> None:
     base = await served(portal)
     text, code = await run_doctor(config(base, tasks={"users": "all"}))
     assert text.splitlines()[3:10] == [
-        "  FAIL  owner: user 1 (User1 Test) is not an administrator: Bitrix24 answers [] for"
-        " the task counters of users it does not head, so tasks.users: all would export next"
-        " to nothing",
-        "        fix: use a webhook created by a portal administrator, or set tasks.users: self",
+        *NOT_ADMIN,
         "  FAIL  scopes: granted: task; missing: im (for im.counters.get), user_brief or user"
         " or user_basic (for user.get)",
         "        fix: edit the webhook in Bitrix24 (Developer resources -> Integrations) and"
