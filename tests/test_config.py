@@ -279,6 +279,27 @@ def test_portals_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.portals_dir == "portals.d"
 
 
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    """A `<<` merge copies a mapping's keys, and keys written beside it override them."""
+    path = write(
+        tmp_path,
+        "config.yaml",
+        f"""\
+        portals:
+          - &acme
+            name: acme
+            webhook: {HOOK}
+            tasks: {{users: all, groups: [0, 7]}}
+          - <<: *acme
+            name: beta
+        """,
+    )
+    acme, beta = load_config(path, environ={}).portals
+    assert (acme.name, beta.name) == ("acme", "beta")
+    assert beta.auth == acme.auth and beta.tasks == acme.tasks
+    assert beta.tasks.groups == (0, 7)
+
+
 def test_portals_dir_alone(tmp_path: Path) -> None:
     """portals_dir may supply every portal."""
     write(tmp_path, "p/a.yaml", f"name: a\nwebhook: {HOOK}\n")
@@ -492,6 +513,26 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             name: beta
         """,
         ["config.yaml:4:5: invalid YAML: duplicate key 'name'"],
+    ),
+    (
+        "an alias inside its own anchor",
+        "portals: &p [*p]\n",
+        ["config.yaml: nested too deeply, or an alias (*name) refers to its own anchor"],
+    ),
+    (
+        "nesting too deep for the YAML parser",
+        "portals: " + "[" * 2000 + "\n",
+        ["config.yaml: invalid YAML: nested too deeply"],
+    ),
+    (
+        "an integer too long for Python",
+        "poll_interval: " + "9" * 5000 + "\n",
+        ["config.yaml:1:16: invalid YAML: integer with too many digits"],
+    ),
+    (
+        "a character YAML does not allow",
+        'portals:\n  - name: "a\x00"\n',
+        ["config.yaml:2:13: invalid YAML: character 0x0000 is not allowed"],
     ),
     (
         "no portals at all",
@@ -914,7 +955,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             "config.yaml: portals[0].oauth.client_secret: must be a non-empty string, "
             "got an integer",
             "config.yaml: portals[0].oauth.client_secret_file: cannot be combined with "
-            "client_secret",
+            "client_secret; use exactly one of client_secret or client_secret_file",
             "config.yaml: portals[0].oauth.client_secret_file: cannot read file (No such file or "
             "directory), got '/run/secrets/a'",
             "config.yaml: portals[0].oauth.refresh_token: must be a non-empty string, got a list",
