@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from exporter.bitrix import ClientStats
 from exporter.fakeportal import FakePortal, FakeUser
+from exporter.fetchstore import FetchStore
 from exporter.snapshot import PortalSnapshot, Status
 from exporter.statusbook import StatusBook
 from exporter.statuspage import (
@@ -325,6 +326,21 @@ def test_next_cycle_follows_the_pollers_schedule() -> None:
     assert view_of(book, snapshot(duration=5.0, behind=2.0)).next_cycle == clock.now - 7 + 60
     book.observe(snapshot(duration=5.0, behind=100.0))
     assert view_of(book, snapshot(duration=5.0, behind=100.0)).next_cycle == clock.now - 5
+
+
+def test_statuses_carry_the_reason_of_a_failure() -> None:
+    """A failed (user, source) carries its own failure's code, else the cycle's; a success
+    none; the reasons belong to one cycle and are gone at the next."""
+    store = FetchStore()
+    store.failed_because((1, "tasks"), "NoAccess")
+    fresh = {(1, "tasks"): False, (2, "tasks"): False, (3, "tasks"): True}
+    assert store.statuses(fresh, True, None) == (
+        Status(1, "tasks", False, None, "NoAccess"),
+        Status(2, "tasks", False, None, None),
+        Status(3, "tasks", True, None, None),
+    )
+    down = store.statuses(fresh, False, "INVALID_CREDENTIALS")
+    assert [s.reason for s in down] == ["INVALID_CREDENTIALS"] * 3
 
 
 # ---- escaping -------------------------------------------------------------------------------
