@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Sequence
@@ -388,8 +389,12 @@ class PortalDoctor:
             ) as response:
                 status = response.status
         except aiohttp.ClientConnectorCertificateError as exc:
+            cause = exc.certificate_error
+            reason = (
+                cause.verify_message if isinstance(cause, ssl.SSLCertVerificationError) else cause
+            )
             return (
-                f"{host}{shown_port}: the TLS certificate is not trusted ({exc.certificate_error})",
+                f"{host}{shown_port}: the TLS certificate is not trusted ({reason})",
                 "a proxy or firewall that intercepts TLS needs its CA certificate in this"
                 " machine's trust store (SSL_CERT_FILE); a self-hosted portal needs a valid"
                 " certificate",

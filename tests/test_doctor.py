@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from exporter import doctor
 from exporter.fakeportal import ROLES, FakePortal, FakeUser
@@ -26,6 +29,7 @@ from tests.conftest import (
     make_portal,
     register_secret,
 )
+from tests.operator_kit_lib import require_binary
 
 Serve = Callable[[FakePortal], Awaitable[str]]
 
@@ -208,6 +212,44 @@ async def test_an_unreachable_host() -> None:
         "        fix: check the host name in the config (the portal's address, such as"
         " acme.bitrix24.com) and this machine's DNS",
     ]
+
+
+async def test_an_untrusted_certificate(tmp_path: Path) -> None:
+    """A portal whose TLS certificate this machine does not trust: the reachable line says
+    so, and no API request is sent with the credential."""
+    subprocess.run(
+        [
+            require_binary("openssl"),
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=portal",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    portal = make_portal()
+    runner = web.AppRunner(portal.app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        text, code = await run_doctor(config(f"https://127.0.0.1:{port}"))
+    finally:
+        await runner.cleanup()
+    assert text.splitlines()[1:4] == [
+        f"  FAIL  reachable: 127.0.0.1:{port}: the TLS certificate is not trusted"
+        " (self-signed certificate)",
+        "        fix: a proxy or firewall that intercepts TLS needs its CA certificate in this"
+        " machine's trust store (SSL_CERT_FILE); a self-hosted portal needs a valid"
+        " certificate",
+        SKIPPED,
+    ]
+    assert code == doctor.EXIT_FAILED
+    assert portal.requests == []
 
 
 async def test_two_problems_at_once(served: Serve) -> None:
