@@ -174,12 +174,13 @@ def _seconds(value: float) -> str:
 
 def render_page(view: PageView) -> str:
     """The status page for `view`, as one HTML document."""
+    # The time is that of the config in use: set at start and by every successful reload.
+    loaded = "" if view.reload_at is None else " " + _time(view.reload_at, view.now)
     reload = (
-        "reloaded " + _time(view.reload_at, view.now)
-        if view.reload_ok and view.reload_at is not None
-        else "as started"
+        f"loaded{loaded}"
         if view.reload_ok
-        else '<span class="bad">the last reload failed: the running config is kept</span>'
+        else '<span class="bad">the last reload failed</span>; the config in use was'
+        f" loaded{loaded}"
     )
     shard = f", shard {view.shard[0]} of {view.shard[1]}" if view.shard is not None else ""
     portals = "".join(_portal(p, view.now) for p in view.portals) or (

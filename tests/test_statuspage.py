@@ -343,6 +343,16 @@ def test_statuses_carry_the_reason_of_a_failure() -> None:
     assert [s.reason for s in down] == ["INVALID_CREDENTIALS"] * 3
 
 
+def test_the_config_reload_state_is_shown() -> None:
+    """The page says when the config in use was loaded, and when the last reload failed."""
+    good = read_dom(render_page(PageView("1", 1000.0, 60.0, True, 940.0, ())))
+    assert good.by_id["reload"] == "loaded 00:15:40 UTC (1 min ago)"
+    bad = read_dom(render_page(PageView("1", 1000.0, 60.0, False, 940.0, ())))
+    assert bad.by_id["reload"] == (
+        "the last reload failed ; the config in use was loaded 00:15:40 UTC (1 min ago)"
+    )
+
+
 # ---- escaping -------------------------------------------------------------------------------
 
 ALLOWED_TAGS = {
