@@ -114,7 +114,8 @@ dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}
 .bad{color:var(--bad)}.warn{color:var(--warn)}
 table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:.25rem .4rem;border-bottom:1px solid var(--line);
-vertical-align:top;overflow-wrap:break-word}
+vertical-align:top;overflow-wrap:anywhere}
+td:first-child{overflow-wrap:normal;white-space:nowrap}
 .num{text-align:right;white-space:nowrap}
 .budget{display:grid;grid-template-columns:minmax(8rem,max-content) 1fr;gap:.3rem .8rem;
 align-items:center}
@@ -266,7 +267,7 @@ def _flag(count: int) -> str:
 
 def _failures(p: PortalView) -> str:
     if not p.failures:
-        none = "None: every watched user was fetched."
+        none = "None: every watched user was fetched." if p.users else "No user watched yet."
         return f'<p class="muted" id="{_e(p.name)}-failures">{none}</p>'
     hidden = '<span class="muted">names hidden</span>'
     rows = []
