@@ -53,7 +53,15 @@ from exporter.bitrix import (
     RetryPolicy,
 )
 from exporter.clients import credential_for
-from exporter.config import Config, OAuthAuth, Portal, WebhookAuth, redact_url
+from exporter.config import (
+    AlertReceiver,
+    Config,
+    DepartmentUsers,
+    OAuthAuth,
+    Portal,
+    WebhookAuth,
+    redact_url,
+)
 from exporter.directory import UserDirectory
 from exporter.failures import BitrixError, FetchError, NoAccess, PayloadError
 from exporter.logs import mask
@@ -85,6 +93,9 @@ FAIL: Final = "FAIL"
 SKIP: Final = "SKIP"
 
 USER_METHOD: Final = "user.get"
+DEPARTMENT_METHOD: Final = "department.get"
+# Reading a chat's members tells, without posting, whether the credential may write there.
+CHAT_MEMBERS_METHOD: Final = "im.dialog.users.list"
 # user_brief first: the lightest scope that still lists employees, so the one a fix names.
 USER_SCOPES: Final = ("user_brief", "user", "user_basic")
 # Bitrix24 sums operating time over ten minutes.
@@ -342,8 +353,9 @@ class PortalDoctor:
             await self.scopes()
             await self.im_webhooks()
             await self.selected_users()
+            await self.departments()
             await self.load()
-            self.alert_receivers()
+            await self.alert_receivers()
         else:
             self.add("other checks", SKIP, "they need a reachable portal and a working credential")
         return PortalReport(self.portal.name, target_of(self.portal), tuple(self.checks))
@@ -543,6 +555,14 @@ class PortalDoctor:
                 " users it does not head, so tasks.users: all would export next to nothing",
                 "use a webhook created by a portal administrator, or set tasks.users: self",
             )
+        elif isinstance(tasks.users, DepartmentUsers):
+            self.add(
+                "owner",
+                WARN,
+                f"{who}, {reads} and those of users in departments it heads",
+                f"unless user {profile.user_id} heads every department listed in tasks.users,"
+                " use a webhook created by a portal administrator",
+            )
         else:
             others = [u for u in tasks.users if u != profile.user_id]
             status = WARN if others else OK
@@ -557,13 +577,19 @@ class PortalDoctor:
     # -- 4. scopes ---------------------------------------------------------------------
 
     def needed_scopes(self) -> list[tuple[tuple[str, ...], str]]:
-        """(acceptable scopes, what needs them) for the features this portal's config uses."""
-        tasks = self.portal.tasks
+        """(acceptable scopes, what needs them) for the features this portal's config uses,
+        each set of scopes once."""
+        tasks, teams = self.portal.tasks, self.portal.teams
         needed = [(source.scopes, source.method) for source in self.sources]
-        if tasks.enabled and tasks.users != "self":
+        if teams.enabled:
+            needed.append((("department",), DEPARTMENT_METHOD))
+        if (tasks.enabled and tasks.users != "self") or teams.enabled:
             needed.append((USER_SCOPES, USER_METHOD))
         needed += receiver_scopes(self.config, self.portal)
-        return needed
+        once: dict[tuple[str, ...], str] = {}
+        for scopes, why in needed:
+            once.setdefault(scopes, why)
+        return list(once.items())
 
     async def scopes(self) -> None:
         needed = self.needed_scopes()
@@ -641,6 +667,15 @@ class PortalDoctor:
             self.users = [profile.user_id]
             self.add("users", OK, f"tasks.users: self selects 1 user (user {profile.user_id})")
             return
+        if isinstance(tasks.users, DepartmentUsers):
+            shown = ", ".join(str(d) for d in tasks.users.departments)
+            self.add(
+                "users",
+                SKIP,
+                f"tasks.users: {{departments: [{shown}]}}: doctor does not count these yet;"
+                " the first poll cycle logs how many users it found",
+            )
+            return
         if self.granted is not None and self.granted.isdisjoint(USER_SCOPES):
             self.add("users", SKIP, "listing users needs a user scope (see scopes)")
             return
@@ -648,7 +683,6 @@ class PortalDoctor:
             await self._listed_users(list(tasks.users))
         else:
             await self._all_users()
-        self.add_teams_count()
 
     async def _all_users(self) -> None:
         excluded = self.portal.tasks.exclude_users
@@ -701,12 +735,21 @@ class PortalDoctor:
         else:
             self.add("users", OK, f"{summary}, all active")
 
-    def add_teams_count(self) -> None:
-        """How many departments the config selects: a hook for the teams feature.
-
-        `Portal` has no teams section yet; once it does, count the departments here with
-        `department.get` (paged like `user.get`) and add a line.
-        """
+    async def departments(self) -> None:
+        """With teams: how many departments the portal has (all of them are exported)."""
+        if not self.portal.teams.enabled:
+            return
+        if self.granted is not None and "department" not in self.granted:
+            self.add("departments", SKIP, "listing departments needs scope department (see scopes)")
+            return
+        try:
+            first = await self.client.call(DEPARTMENT_METHOD, {"START": 0})
+        except BitrixError as exc:
+            self.add("departments", FAIL, _error_text(exc), self._call_fix(DEPARTMENT_METHOD, ""))
+            return
+        listed = first.result if isinstance(first.result, list) else []
+        total = first.total if first.total is not None else len(listed)
+        self.add("departments", OK, f"teams: {total} active departments")
 
     # -- 6 and 7. load -----------------------------------------------------------------
 
@@ -873,23 +916,103 @@ class PortalDoctor:
 
     # -- 8. alert receivers ------------------------------------------------------------
 
-    def alert_receivers(self) -> None:
-        """Each alert receiver sending through this portal: a hook.
+    async def alert_receivers(self) -> None:
+        """Each alert receiver that sends through this portal: its targets, checked by
+        reading only (a chat's members, a user's record); nothing is posted."""
+        for receiver in self.config.alert_receivers:
+            if receiver.portal == self.portal.name:
+                self._receiver_line(receiver, await self._receiver_problems(receiver))
 
-        `Config` has no alert receivers yet; once it does, check here, without posting,
-        that each target chat exists and the credential may write there.
-        """
+    async def _receiver_problems(self, receiver: AlertReceiver) -> list[tuple[str, str, str, str]]:
+        """(status, target, what was found, fix) per target of `receiver`."""
+        assert self.profile is not None
+        me = self.profile.user_id
+        found: list[tuple[str, str, str, str]] = []
+        chat = receiver.chat
+        if chat is not None and chat.isdigit():
+            try:
+                result = (await self.client.call(USER_METHOD, {"ID": int(chat)})).result
+            except BitrixError as exc:
+                found.append((FAIL, chat, _error_text(exc), "see the error"))
+            else:
+                active = [r for r in result if isinstance(r, dict) and r.get("ACTIVE") is True]
+                users = parse_users(active) if isinstance(result, list) else []
+                if users:
+                    name = users[0].name or "no name"
+                    found.append((OK, chat, f"a private dialog with user {chat} ({name})", ""))
+                else:
+                    found.append(
+                        (
+                            FAIL,
+                            chat,
+                            f"no active user {chat}",
+                            "set chat to an active user's id, or to a chat like chat42",
+                        )
+                    )
+        elif chat is not None:
+            try:
+                members = (await self.client.call(CHAT_MEMBERS_METHOD, {"DIALOG_ID": chat})).result
+            except BitrixError as exc:
+                status = WARN if exc.error == "ERROR_METHOD_NOT_FOUND" else FAIL
+                fix = (
+                    "the portal cannot list chat members: check by hand that user"
+                    f" {me} is a member of {chat}"
+                    if status == WARN
+                    else f"check the chat id (a chat's address in Bitrix24 ends in {chat[:4]}..."
+                    f") and that user {me}, whose credential sends, is a member of it"
+                )
+                found.append((status, chat, _error_text(exc), fix))
+            else:
+                ids = {
+                    str(m.get("id"))
+                    for m in (members if isinstance(members, list) else [])
+                    if isinstance(m, dict)
+                }
+                if str(me) in ids:
+                    found.append((OK, chat, f"user {me} is a member, so it may write there", ""))
+                else:
+                    found.append(
+                        (
+                            FAIL,
+                            chat,
+                            f"user {me}, whose credential sends, is not a member",
+                            f"add user {me} to {chat} in Bitrix24, or choose a chat it is in",
+                        )
+                    )
+        if receiver.notify_user:
+            found.append((OK, "notify_user", "personal notifications (scope im)", ""))
+        if receiver.notify_head:
+            if self.portal.teams.enabled:
+                found.append((OK, "notify_head", "the department's head (teams)", ""))
+            else:
+                found.append(
+                    (
+                        WARN,
+                        "notify_head",
+                        "department heads are known only with teams",
+                        f"set teams.enabled: true for portal {self.portal.name}",
+                    )
+                )
+        return found
+
+    def _receiver_line(
+        self, receiver: AlertReceiver, found: list[tuple[str, str, str, str]]
+    ) -> None:
+        order = (FAIL, WARN, OK)
+        status = next((s for s in order if any(f[0] == s for f in found)), OK)
+        summary = f"{receiver.name}: " + "; ".join(f"{t}: {what}" for _, t, what, _ in found)
+        fixes = "; ".join(fix for st, _, _, fix in found if fix and st != OK)
+        self.add("alert receiver", status, summary, fixes)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def receiver_scopes(config: Config, portal: Portal) -> list[tuple[tuple[str, ...], str]]:
-    """Scopes alert receivers sending through `portal` need: a hook until `Config` has them.
-
-    Then: ``[(("im",), "im.message.add")]`` when a receiver of this portal posts to a chat
-    or notifies users.
-    """
+    """The scope alert receivers sending through `portal` need: im, for messages and
+    notifications alike."""
+    if any(r.portal == portal.name for r in config.alert_receivers):
+        return [(("im",), "alert receivers")]
     return []
 
 

@@ -67,12 +67,10 @@ def _count(snapshot: PortalSnapshot, at: float) -> _Count:
     )
 
 
-def names_shown(portal: Portal | None) -> bool:
-    """Whether the page may name the users of `portal`: a hook for the privacy modes.
-
-    `Portal` has no privacy section yet; once it has, names are shown only in mode `none`.
-    """
-    return True
+def names_shown(portal: Portal) -> bool:
+    """Whether the page may name the users of `portal`: only where its privacy mode is
+    `none` (pseudonymous and aggregate portals never show a name or user id)."""
+    return portal.privacy.mode == "none"
 
 
 class StatusBook:

@@ -299,6 +299,46 @@ async def test_listed_users_and_im_webhooks(served: Serve) -> None:
     assert code == doctor.EXIT_FAILED
 
 
+async def test_teams_and_alert_receivers(served: Serve) -> None:
+    """Teams need the department scope; each alert receiver's targets are checked without
+    posting: a private dialog with an active user or not, a chat whose members the portal
+    cannot list (this fake has no im.dialog.users.list), notifications."""
+    portal = make_portal(users=3)
+    portal.add_webhook(1, SECRET, scopes=("task", "im", "user"))
+    base = await served(portal)
+    token = "alertmanager-token-0123"
+    register_secret(token)
+    raw = config(base, tasks={"users": "all"}, teams={"enabled": True})
+    raw["alert_receivers"] = [
+        {"name": "ops", "portal": "acme", "token": token, "chat": "chat42", "notify_head": True},
+        {"name": "dm", "portal": "acme", "token": token, "chat": 7},
+        {"name": "anna", "portal": "acme", "token": token, "chat": 2, "notify_user": True},
+    ]
+    text, code = await run_doctor(raw)
+    lines = text.splitlines()
+    assert lines[4:8] == [
+        "  FAIL  scopes: granted: im, task, user; missing: department (for department.get)",
+        "        fix: edit the webhook in Bitrix24 (Developer resources -> Integrations) and"
+        " tick department; its URL stays the same",
+        "  OK    users: tasks.users: all selects 3 active employees",
+        "  SKIP  departments: listing departments needs scope department (see scopes)",
+    ]
+    assert lines[-7:-1] == [
+        "  WARN  alert receiver: ops: chat42: im.dialog.users.list: ERROR_METHOD_NOT_FOUND:"
+        " Method not found! (HTTP 404); notify_head: the department's head (teams)",
+        "        fix: the portal cannot list chat members: check by hand that user 1 is a member"
+        " of chat42",
+        "  FAIL  alert receiver: dm: 7: no active user 7",
+        "        fix: set chat to an active user's id, or to a chat like chat42",
+        "  OK    alert receiver: anna: 2: a private dialog with user 2 (User2 Test);"
+        " notify_user: personal notifications (scope im)",
+        "",
+    ]
+    assert code == doctor.EXIT_FAILED
+    # Reading only: no message and no notification method was called.
+    assert {r.method for r in portal.requests} <= READING | {"im.dialog.users.list"}
+
+
 async def test_oauth_refresh_and_state_file(served: Serve, tmp_path: Path) -> None:
     """OAuth: the first run refreshes and says so; a second finds a valid token and makes no
     refresh (that would rotate the token a running exporter holds); a state file whose

@@ -223,10 +223,13 @@ class Clock:
         return self.now
 
 
-def view_of(book: StatusBook, snap: PortalSnapshot) -> PortalView:
-    portal = config_of(
-        {"portals": [{"name": "acme", "webhook": "https://a.example/rest/1/s3cr3tw3bh00k/"}]}
-    ).portals[0]
+def view_of(
+    book: StatusBook, snap: PortalSnapshot, privacy: dict[str, Any] | None = None
+) -> PortalView:
+    entry: dict[str, Any] = {"name": "acme", "webhook": "https://a.example/rest/1/s3cr3tw3bh00k/"}
+    if privacy is not None:
+        entry["privacy"] = privacy
+    portal = config_of({"portals": [entry]}).portals[0]
     page = book.view(
         portals=[portal],
         snapshots={"acme": snap},
@@ -315,6 +318,17 @@ def test_failures_group_by_reason_with_names() -> None:
         FailureGroup("OPERATION_TIME_LIMIT", 1, ("Anna",)),
         FailureGroup("the cycle failed", 1, ("user 3",)),
     )
+
+
+def test_no_names_outside_privacy_mode_none() -> None:
+    """A pseudonymous portal's failures are counted, never named."""
+    clock = Clock()
+    book = StatusBook(clock=clock)
+    snap = snapshot(statuses=(Status(1, "tasks", False, None, "NoAccess"),))
+    book.observe(snap)
+    privacy = {"mode": "pseudonymous", "pseudonym_key": "k" * 16}
+    assert view_of(book, snap, privacy=privacy).failures == (FailureGroup("NoAccess", 1, ()),)
+    assert view_of(book, snap).failures == (FailureGroup("NoAccess", 1, ("Anna",)),)
 
 
 def test_next_cycle_follows_the_pollers_schedule() -> None:
