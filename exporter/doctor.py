@@ -28,7 +28,6 @@ client, and `format_text` / `format_json` pass everything through the log mask a
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -36,9 +35,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -63,8 +60,24 @@ from exporter.config import (
     redact_url,
 )
 from exporter.directory import UserDirectory
+from exporter.doctorload import MethodLoad, RequestLoad, request_load
+from exporter.doctorreport import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    FAIL,
+    OK,
+    SKIP,
+    WARN,
+    Check,
+    PortalReport,
+    Report,
+    format_json,
+    format_text,
+    nice_interval,
+    seconds_text,
+)
 from exporter.failures import BitrixError, FetchError, NoAccess, PayloadError
-from exporter.logs import mask
 from exporter.mapping import Profile, parse_profile, parse_users
 from exporter.oauth import TokenState, read_state
 from exporter.oncelog import OnceLog
@@ -83,23 +96,12 @@ __all__ = [
     "nice_interval",
 ]
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_CONFIG: Final = 2
-
-OK: Final = "OK"
-WARN: Final = "WARN"
-FAIL: Final = "FAIL"
-SKIP: Final = "SKIP"
-
 USER_METHOD: Final = "user.get"
 DEPARTMENT_METHOD: Final = "department.get"
 # Reading a chat's members tells, without posting, whether the credential may write there.
 CHAT_MEMBERS_METHOD: Final = "im.dialog.users.list"
 # user_brief first: the lightest scope that still lists employees, so the one a fix names.
 USER_SCOPES: Final = ("user_brief", "user", "user_basic")
-# Bitrix24 sums operating time over ten minutes.
-WINDOW: Final = 600.0
 # How many portals are checked at once; each stays within its own rate limit anyway.
 PARALLEL_PORTALS: Final = 4
 # One retry per request: enough to ride out one 503, few enough to stay "a handful".
@@ -108,112 +110,6 @@ RETRY: Final = RetryPolicy(max_retries=1)
 _WEBHOOK_HOWTO: Final = (
     "create an inbound webhook in Bitrix24 (Developer resources -> Other -> Inbound webhook)"
 )
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report: what was checked, how it went and, unless OK, the fix."""
-
-    name: str
-    status: str  # OK | WARN | FAIL | SKIP
-    summary: str
-    fix: str = ""
-
-
-@dataclass(frozen=True)
-class PortalReport:
-    """Every check of one portal, in the order they ran."""
-
-    name: str
-    target: str  # the credential's address, redacted
-    checks: tuple[Check, ...]
-
-
-@dataclass(frozen=True)
-class Report:
-    """The whole run: one report per portal of the config."""
-
-    source: str
-    portals: tuple[PortalReport, ...]
-
-    def count(self, status: str) -> int:
-        return sum(1 for p in self.portals for c in p.checks if c.status == status)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_FAILED if self.count(FAIL) else EXIT_OK
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def format_text(report: Report) -> str:
-    """The report for a terminal: a block per portal, one line per check, fixes indented."""
-    lines: list[str] = []
-    for portal in report.portals:
-        lines.append(f"{portal.name} ({portal.target})")
-        for check in portal.checks:
-            lines.append(f"  {check.status:<5} {check.name}: {check.summary}")
-            if check.fix:
-                lines.append(f"        fix: {check.fix}")
-        lines.append("")
-    portals = len(report.portals)
-    failed, warned = report.count(FAIL), report.count(WARN)
-    verdict = "ready to run" if not failed else "fix the FAIL lines, then run doctor again"
-    lines.append(
-        f"{portals} portal{'s' if portals != 1 else ''}: {failed} FAIL, {warned} WARN: {verdict}"
-    )
-    return mask("\n".join(lines) + "\n")
-
-
-def format_json(report: Report) -> str:
-    """The report as one JSON document, for scripts."""
-    data: dict[str, Any] = {
-        "config": report.source,
-        "exit_code": report.exit_code,
-        "failed": report.count(FAIL),
-        "warnings": report.count(WARN),
-        "portals": [
-            {
-                "name": p.name,
-                "target": p.target,
-                "checks": [
-                    {"check": c.name, "status": c.status, "summary": c.summary, "fix": c.fix}
-                    for c in p.checks
-                ],
-            }
-            for p in report.portals
-        ],
-    }
-    return mask(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def seconds_text(seconds: float) -> str:
-    """A duration for the report: "0s", "0.25s", "10.5s", "1250s".
-
-    >>> [seconds_text(s) for s in (0, 0.25, 10.5, 60, 1249.6)]
-    ['0s', '0.25s', '10.5s', '60s', '1250s']
-    """
-    if seconds >= 100:
-        return f"{seconds:.0f}s"
-    return f"{seconds:.3g}s"
-
-
-_NICE: Final = (5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 240, 300, 600, 900, 1200, 1800, 3600)
-
-
-def nice_interval(seconds: float) -> str:
-    """The shortest round poll_interval of at least `seconds`, as the config writes it.
-
-    >>> [nice_interval(s) for s in (0.2, 10.5, 46, 61, 300, 3601)]
-    ['5s', '15s', '60s', '90s', '5m', '2h']
-    """
-    chosen = next((n for n in _NICE if n >= seconds), 3600 * math.ceil(seconds / 3600))
-    if chosen % 3600 == 0:
-        return f"{chosen // 3600}h"
-    if chosen % 60 == 0 and chosen > 60:
-        return f"{chosen // 60}m"
-    return f"{chosen}s"
 
 
 def target_of(portal: Portal) -> str:
@@ -248,65 +144,6 @@ def _error_text(error: BitrixError) -> str:
     where = f"HTTP {error.status}" if error.status is not None else "no response"
     text = f": {error.description}" if error.description else ""
     return f"{error.method}: {error.error}{text} ({where})"
-
-
-@dataclass(frozen=True)
-class RequestLoad:
-    """Requests of one cycle and the shortest cycles the portal's bucket allows for them."""
-
-    commands: int
-    requests: int
-    idle: float  # seconds, starting from an empty bucket
-    sustained: float  # seconds, cycle after cycle
-
-
-def request_load(
-    sources: Sequence[Source],
-    users: Sequence[int],
-    own_user: int,
-    *,
-    callers: int,
-    requests_per_second: float,
-    burst: int,
-) -> RequestLoad:
-    """What one cycle costs in requests, and how fast the portal's bucket lets it go.
-
-    The commands are the sources' plans, as the poller makes them; they go 50 to a `batch`,
-    and each extra per-user webhook (`callers`) sends one request of its own. From an idle
-    bucket the first `burst` requests leave at once; cycle after cycle the bucket drains
-    only `requests_per_second`.
-    """
-    commands = sum(len(s.plan([own_user] if s.caller_only else users)) for s in sources)
-    extra = callers if any(s.caller_only for s in sources) else 0
-    requests = math.ceil(commands / MAX_BATCH) + extra
-    return RequestLoad(
-        commands=commands,
-        requests=requests,
-        idle=max(0, requests - burst) / requests_per_second,
-        sustained=requests / requests_per_second,
-    )
-
-
-@dataclass(frozen=True)
-class MethodLoad:
-    """One method's share of the operating budget, from one real call of it."""
-
-    method: str
-    calls: int  # per period
-    period: float  # seconds between the rounds of calls
-    cost: float | None  # seconds per call, from the answer's time block
-    operating: float | None  # seconds already used in the current window, from the answer
-    failure: str = ""  # the call failed: how
-    skipped: str = ""  # the call was not made: why
-
-    @property
-    def per_window(self) -> float:
-        """Seconds of operating time per 10 minutes at this rate."""
-        return (self.cost or 0.0) * self.calls * WINDOW / self.period
-
-    def shortest_period(self, usable: float) -> float:
-        """The shortest period at which the calls stay within `usable` seconds per window."""
-        return (self.cost or 0.0) * self.calls * WINDOW / usable
 
 
 class PortalDoctor:
