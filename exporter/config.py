@@ -359,7 +359,7 @@ def _rate_limit(node: Node) -> RateLimit:
 class WebhookAuth:
     """An incoming webhook, ``https://PORTAL/rest/USER_ID/SECRET/``.
 
-    `url` is normalised to end with ``/`` so that `method_url` is a plain concatenation.
+    `url` is normalised to end with ``/`` so that a method name is a plain concatenation.
     ``repr`` and ``str`` show `redacted`, never the secret.
     """
 
@@ -371,11 +371,6 @@ class WebhookAuth:
             raise ValueError(f"webhook URL {problem}, got {redact_url(self.url)!r}")
         # Frozen, so the normalised form has to be written around __setattr__.
         object.__setattr__(self, "url", normalised)
-
-    @property
-    def base(self) -> str:
-        """The URL that method names are appended to (same as `url`)."""
-        return self.url
 
     @property
     def user_id(self) -> int:
@@ -391,10 +386,6 @@ class WebhookAuth:
     def redacted(self) -> str:
         """`url` with the secret replaced by ``<secret>``, safe for logs and labels."""
         return self.url[: -len(self.secret) - 1] + "<secret>/"
-
-    def method_url(self, method: str) -> str:
-        """The URL to POST a REST `method` (e.g. ``im.counters.get``) to."""
-        return self.url + method
 
     def __repr__(self) -> str:
         return f"WebhookAuth(url={self.redacted!r})"
