@@ -1,13 +1,15 @@
 """A fake Bitrix24 portal served over real HTTP, for the demo, the tests and the benchmarks.
 
 `FakePortal` owns an `aiohttp.web.Application` that answers the REST methods the exporter
-uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get` and
-`batch`) the way a cloud portal does, as described in docs/bitrix24.md: webhook URLs and
+uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get`,
+`scope` and `batch`) the way a cloud portal does, as described in docs/bitrix24.md: webhook URLs and
 OAuth access tokens (`auth`, `access_token` or a Bearer header), query-string and body
 parameters merged with PHP semantics (so `ACTIVE=false` in a form is
 truthy), error bodies without a `time` block, the per-portal leaky bucket (503
 `QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
-`OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`).
+`OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`). Each webhook and
+application holds scopes (every one of `DEFAULT_SCOPES` unless given): `scope` lists them,
+and a method outside them answers 401 `insufficient_scope`.
 
 It also plays the OAuth server (`GET /oauth/token/`, grant_type=refresh_token) for the
 local applications added with `add_oauth_app`: each refresh issues a new access token that
@@ -41,6 +43,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 
 __all__ = [
+    "DEFAULT_SCOPES",
     "LEGACY_COUNTER_CODES",
     "NEW_COUNTER_CODES",
     "ROLES",
@@ -83,6 +86,29 @@ _LEGACY_ROLE_COUNTERS: Final = {
     "view_role_originator": ("wo_deadline", "expired", "wait_ctrl"),
 }
 
+# What a webhook or application is granted unless `add_webhook` / `add_oauth_app` say
+# otherwise: every scope a method of this fake needs.
+DEFAULT_SCOPES: Final = ("department", "im", "task", "user")
+# `scope` with full=true: every scope the portal knows (a real portal lists about fifty).
+_ALL_SCOPES: Final = (
+    *DEFAULT_SCOPES,
+    "calendar",
+    "crm",
+    "disk",
+    "entity",
+    "log",
+    "sonet_group",
+    "user_basic",
+    "user_brief",
+)
+# The scopes that allow a method (any one of them); methods not listed need none.
+_METHOD_SCOPES: Final = {
+    "user.get": ("user", "user_basic", "user_brief"),
+    "user.current": ("user", "user_basic", "user_brief"),
+    "im.counters.get": ("im",),
+    "tasks.task.counters.get": ("task",),
+}
+
 BATCH_MAX_LENGTH: Final = 50
 PAGE_SIZE: Final = 50
 
@@ -90,6 +116,11 @@ PAGE_SIZE: Final = 50
 _QUERY_LIMIT: Final = ("QUERY_LIMIT_EXCEEDED", "Too many requests")
 _OPERATION_LIMIT: Final = ("OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
 _INVALID_CREDENTIALS: Final = ("INVALID_CREDENTIALS", "Invalid request credentials")
+# The description is this fake's own wording: the exact text is unconfirmed.
+_INSUFFICIENT_SCOPE: Final = (
+    "insufficient_scope",
+    "The request requires higher privileges than provided by the webhook token",
+)
 _NO_AUTH: Final = ("NO_AUTH_FOUND", "Wrong authorization data")
 _METHOD_NOT_FOUND: Final = ("ERROR_METHOD_NOT_FOUND", "Method not found!")
 _INTERNAL: Final = ("INTERNAL_SERVER_ERROR", "Internal server error")
@@ -181,12 +212,14 @@ class Credential:
 
     user_id: int
     budget_key: str
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
 class _Webhook:
     user_id: int
     revoked: bool = False
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
@@ -197,6 +230,7 @@ class _OAuthApp:
     user_id: int
     access_ttl: float
     member_id: str
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
@@ -324,6 +358,7 @@ class FakePortal:
             "im.counters.get": self._im_counters_get,
             "tasks.task.counters.get": self._task_counters_get,
             "batch": self._batch,
+            "scope": self._scope,
         }
         self.app = web.Application()
         for http_method in ("GET", "POST"):
@@ -346,15 +381,26 @@ class FakePortal:
         self._im_payload(user.id)
         return user
 
-    def add_webhook(self, user_id: int, secret: str) -> str:
-        """Create an incoming webhook for an existing user; returns `/rest/{user_id}/{secret}/`."""
+    def add_webhook(
+        self, user_id: int, secret: str, *, scopes: tuple[str, ...] = DEFAULT_SCOPES
+    ) -> str:
+        """Create an incoming webhook for an existing user; returns `/rest/{user_id}/{secret}/`.
+
+        `scopes` are the ones ticked on the webhook.
+        """
         if user_id not in self.users:
             raise ValueError(f"add_webhook: no user {user_id}; add_user first")
-        self._webhooks[secret] = _Webhook(user_id)
+        self._webhooks[secret] = _Webhook(user_id, scopes=frozenset(scopes))
         return f"/rest/{user_id}/{secret}/"
 
     def add_oauth_app(
-        self, client_id: str, client_secret: str, user_id: int, *, access_ttl: float = 3600.0
+        self,
+        client_id: str,
+        client_secret: str,
+        user_id: int,
+        *,
+        access_ttl: float = 3600.0,
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
     ) -> str:
         """Install a local application for an existing user; returns its first refresh token.
 
@@ -365,7 +411,9 @@ class FakePortal:
             raise ValueError(f"add_oauth_app: no user {user_id}; add_user first")
         # member_id names the portal, so every app of one portal shares it.
         member_id = random.Random(f"{self.seed}:member").getrandbits(128)
-        self._apps[client_id] = _OAuthApp(client_secret, user_id, access_ttl, f"{member_id:032x}")
+        self._apps[client_id] = _OAuthApp(
+            client_secret, user_id, access_ttl, f"{member_id:032x}", frozenset(scopes)
+        )
         return self.issue_refresh_token(client_id)
 
     def issue_refresh_token(self, client_id: str) -> str:
@@ -554,7 +602,7 @@ class FakePortal:
             hook = self._webhooks.get(secret)
             if hook is None or hook.revoked or str(hook.user_id) != request.match_info["user_id"]:
                 raise _ApiError.of(401, _INVALID_CREDENTIALS)
-            return Credential(user_id=hook.user_id, budget_key=f"webhook:{secret}")
+            return Credential(hook.user_id, f"webhook:{secret}", hook.scopes)
         token = _access_token(request, params)
         if token is None:
             raise _ApiError.of(401, _NO_AUTH)
@@ -564,7 +612,8 @@ class FakePortal:
         if issued.expires <= time.time():
             raise _ApiError.of(401, _EXPIRED_TOKEN)
         # The real limiter keys OAuth calls by application, whichever user's token it is.
-        return Credential(user_id=issued.user_id, budget_key=f"app:{issued.client_id}")
+        app = self._apps[issued.client_id]
+        return Credential(issued.user_id, f"app:{issued.client_id}", app.scopes)
 
     # ---- the OAuth server -------------------------------------------------------------------
 
@@ -607,7 +656,7 @@ class FakePortal:
             "access_token": access,
             "expires": int(now + app.access_ttl),
             "expires_in": int(app.access_ttl),
-            "scope": "im,task,user",
+            "scope": ",".join(sorted(app.scopes)),
             "domain": base.split("://", 1)[1],
             "server_endpoint": f"{base}/rest/",
             "status": "L",  # a local application
@@ -626,6 +675,9 @@ class FakePortal:
         handler = self._handlers.get(method)
         if handler is None:
             raise _ApiError.of(404, _METHOD_NOT_FOUND)
+        needed = _METHOD_SCOPES.get(method)
+        if needed is not None and credential.scopes.isdisjoint(needed):
+            raise _ApiError.of(401, _INSUFFICIENT_SCOPE)
         loop_now = asyncio.get_running_loop().time()
         started = time.time()
         # `batch` is exempt from the limiter; its commands are charged one by one.
@@ -732,6 +784,14 @@ class FakePortal:
         }
         # The built-in `total` counter collides with the envelope's `total` and becomes 1.
         return _Result(result, total=1)
+
+    def _scope(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        # No scope needed; full=true lists every scope the portal knows instead.
+        self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        if query.get("FULL") in (True, 1, "true", "Y", "1"):
+            return _Result(list(_ALL_SCOPES))
+        return _Result(sorted(credential.scopes))
 
     def _batch(self, credential: Credential, params: dict[str, Any]) -> _Result:
         query = {str(k).upper(): v for k, v in params.items()}
