@@ -28,8 +28,6 @@ from exporter.bitrix import new_session
 from exporter.config import (
     Config,
     ConfigError,
-    OAuthAuth,
-    WebhookAuth,
     load_config,
     parse_config,
     parse_listen_address,
@@ -209,15 +207,7 @@ def load_shard_config(path: str, shard: Shard | None) -> Config:
 
 
 def config_secrets(config: Config) -> list[str]:
-    secrets: list[str] = []
-    for portal in config.portals:
-        auths: list[WebhookAuth | OAuthAuth] = [portal.auth, *portal.im.webhooks]
-        for auth in auths:
-            if isinstance(auth, WebhookAuth):
-                secrets.append(auth.secret)
-            else:
-                secrets += [auth.client_secret, auth.refresh_token or ""]
-    return secrets
+    return list(config.secrets)
 
 
 def _serve(

@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 from urllib.parse import urlsplit
 
 from exporter.yamlcheck import (
@@ -57,16 +57,23 @@ from exporter.yamlcheck import (
 
 __all__ = [
     "ENTERPRISE",
+    "PRIVACY_MODES",
     "ROLES",
     "STANDARD",
+    "AlertReceiver",
     "Config",
     "ConfigError",
+    "DepartmentUsers",
     "ImSettings",
     "OAuthAuth",
     "Portal",
+    "PrivacyMode",
+    "PrivacySettings",
     "RateLimit",
     "TasksSettings",
+    "TeamsSettings",
     "WebhookAuth",
+    "check_receivers_protected",
     "load_config",
     "parse_config",
     "parse_duration",
@@ -418,12 +425,28 @@ class OAuthAuth:
                 object.__setattr__(self, name, value + "/")
 
 
-def _users(node: Node) -> str | tuple[int, ...]:
-    form = "must be self, all or a list of user ids"
+def _department_ids(node: Node) -> tuple[int, ...]:
+    if node.value == []:
+        node.fail("must not be empty")
+    return each(node, _positive_id, form="must be a list of department ids")
+
+
+@section
+class DepartmentUsers:
+    """`tasks.users: {departments: [5, 12]}`: the active employees of these departments and
+    of all their sub-departments."""
+
+    departments: tuple[int, ...] = setting(_department_ids)
+
+
+def _users(node: Node) -> str | tuple[int, ...] | DepartmentUsers:
+    form = "must be self, all, a list of user ids or {departments: [ids]}"
     if isinstance(node.value, str):
         if node.value not in ("self", "all"):
             node.fail(form)
         return node.value
+    if isinstance(node.value, dict):
+        return build(DepartmentUsers, node)
     if node.value == []:
         node.fail("must not be empty (use self or all)")
     return each(node, _positive_id, form=form)
@@ -452,7 +475,7 @@ class TasksSettings:
     """What `tasks.task.counters.get` is asked for."""
 
     enabled: bool = setting(boolean, default=True)
-    users: str | tuple[int, ...] = setting(_users, default="self")
+    users: str | tuple[int, ...] | DepartmentUsers = setting(_users, default="self")
     exclude_users: frozenset[int] = setting(_exclude_users, default=frozenset())
     groups: tuple[int, ...] = setting(_groups, default=(0,))
     roles: tuple[str, ...] = setting(_roles, default=("view_all",))
@@ -493,10 +516,79 @@ class ImSettings:
 _NAME_RE = re.compile(r"[a-zA-Z0-9_.-]+")
 
 
-def _portal_name(node: Node) -> str:
+def _name(node: Node) -> str:
     if not isinstance(node.value, str) or not _NAME_RE.fullmatch(node.value):
         node.fail("must match [a-zA-Z0-9_.-]+")
     return node.value
+
+
+@section
+class TeamsSettings:
+    """Departments (`department.get`) and each watched user's departments (`UF_DEPARTMENT`)."""
+
+    enabled: bool = setting(boolean, default=False)
+
+
+PrivacyMode = Literal["none", "pseudonymous", "aggregate"]
+PRIVACY_MODES: Final[tuple[PrivacyMode, ...]] = ("none", "pseudonymous", "aggregate")
+# Shorter keys and tokens could be guessed: a pseudonym key by whoever knows one user's id and
+# pseudonym, an alert receiver's token by whoever can reach the exporter.
+_MIN_SECRET_LENGTH: Final = 16
+
+
+def _long_secret(node: Node, secret: str, what: str) -> str:
+    if len(secret) < _MIN_SECRET_LENGTH:
+        node.fail(
+            f"must be {what} of at least {_MIN_SECRET_LENGTH} characters", shown=f"{len(secret)}"
+        )
+    return secret
+
+
+def _pseudonym_key(node: Node) -> str:
+    return _long_secret(node, _secret_text(node), "a key")
+
+
+def _pseudonym_key_file(node: Node) -> str:
+    return _long_secret(node, _secret_file(node), "a key")
+
+
+@section
+class PrivacySettings:
+    """What `/metrics` may tell about a person: everything (``none``), user ids replaced by
+    a keyed hash (``pseudonymous``), or department sums only (``aggregate``), each shown
+    only where it covers at least `min_team_size` users."""
+
+    mode: PrivacyMode = setting(one_of(PRIVACY_MODES), default="none")
+    pseudonym_key: str | None = setting(
+        {"pseudonym_key": _pseudonym_key, "pseudonym_key_file": _pseudonym_key_file},
+        default=None,
+        repr=False,
+    )
+    # With 2, each of the two could work out the other's numbers from the sum.
+    min_team_size: int = setting(_int_at_least(3, "must be an integer of 3 or more"), default=5)
+
+
+def _check_privacy(privacy: PrivacySettings, at: Section) -> PrivacySettings:
+    if not at.usable("mode"):
+        return privacy  # already reported; the default mode would mislead
+    given = [key for key in ("pseudonym_key", "pseudonym_key_file") if at.has(key)]
+    if privacy.mode == "pseudonymous" and not given:
+        at.report("pseudonym_key", "is required when mode is pseudonymous (or pseudonym_key_file)")
+    elif privacy.mode != "pseudonymous" and given and at.ok(given[0]):
+        at.report(
+            given[0], f"is only used when mode is pseudonymous (mode is {privacy.mode})", shown=None
+        )
+    return privacy
+
+
+def _check_portal(portal: Portal, at: Section) -> Portal:
+    # Aggregate mode exports department sums only: without departments, nothing at all.
+    privacy = at.given.get("privacy")
+    if at.ok("privacy") and at.usable("teams") and privacy is not None:
+        mode = privacy.child("mode")
+        if portal.privacy.mode == "aggregate" and not portal.teams.enabled and mode is not None:
+            mode.report("aggregate needs teams.enabled: true")
+    return portal
 
 
 # Typed here: a dict literal of checkers with different types would be inferred as object.
@@ -511,19 +603,99 @@ _CREDENTIALS: Final[Mapping[str, Check[WebhookAuth | OAuthAuth]]] = {
 class Portal:
     """One Bitrix24 portal: the ``portal`` label, its credential and what to collect."""
 
-    name: str = setting(_portal_name)
+    name: str = setting(_name)
     auth: WebhookAuth | OAuthAuth = setting(_CREDENTIALS)
     rate_limit: RateLimit = setting(_rate_limit, default=STANDARD)
     operating_limit: float = setting(_positive_duration, default=480.0)
     tasks: TasksSettings = setting(nested(TasksSettings), default=TasksSettings())
     im: ImSettings = setting(nested(ImSettings), default=ImSettings())
+    teams: TeamsSettings = setting(nested(TeamsSettings), default=TeamsSettings())
+    privacy: PrivacySettings = setting(
+        nested(PrivacySettings, then=_check_privacy), default=PrivacySettings()
+    )
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of this portal, for the log redaction to know."""
+        found = [webhook.secret for webhook in self.im.webhooks]
+        if isinstance(self.auth, WebhookAuth):
+            found.append(self.auth.secret)
+        else:
+            found += [self.auth.client_secret, self.auth.refresh_token or ""]
+        found.append(self.privacy.pseudonym_key or "")
+        return tuple(secret for secret in found if secret)
 
 
-_portal = nested(Portal, form="must be a portal mapping")
+_portal = nested(Portal, form="must be a portal mapping", then=_check_portal)
 
 
 def _portals(node: Node) -> tuple[Portal, ...]:
     return each(node, _portal, form="must be a list of portals", unique=False)
+
+
+def _int_between(low: int, high: int) -> Check[int]:
+    def check(node: Node) -> int:
+        value = node.value
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            node.fail(f"must be an integer from {low} to {high}")
+        return value
+
+    return check
+
+
+# DIALOG_ID of im.message.add: a chat, a workgroup's chat, or a user (a private dialog).
+_DIALOG_RE = re.compile(r"(?:chat|sg)?[1-9][0-9]{0,17}")
+
+
+def _dialog_id(node: Node) -> str:
+    value = node.value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**18:
+        return str(value)
+    if not isinstance(value, str) or not _DIALOG_RE.fullmatch(value.strip()):
+        node.fail("must be a chat like chat42, a workgroup's chat like sg7, or a user id")
+    return value.strip()
+
+
+def _token(node: Node) -> str:
+    return _long_secret(node, _secret_text(node), "a token")
+
+
+def _token_file(node: Node) -> str:
+    return _long_secret(node, _secret_file(node), "a token")
+
+
+@section
+class AlertReceiver:
+    """Where Alertmanager's notifications to ``POST /alerts/<name>`` are delivered: a chat,
+    the user an alert names, the head of its department; sent with `portal`'s credential,
+    so its rate limit and budget apply. Without `token`, only the web config's basic auth
+    protects the route: see `check_receivers_protected`."""
+
+    name: str = setting(_name)
+    portal: str = setting(_text)
+    token: str | None = setting(
+        {"token": _token, "token_file": _token_file}, default=None, repr=False
+    )
+    chat: str | None = setting(_dialog_id, default=None)
+    notify_user: bool = setting(boolean, default=False)
+    notify_head: bool = setting(boolean, default=False)
+    # Deliveries beyond this are refused, so a flood cannot spend the budget polling needs.
+    max_per_minute: int = setting(_int_between(1, 60), default=6)
+
+
+def _check_receiver(receiver: AlertReceiver, at: Section) -> AlertReceiver:
+    targets = ("chat", "notify_user", "notify_head")
+    nothing = receiver.chat is None and not receiver.notify_user and not receiver.notify_head
+    if nothing and all(at.usable(key) for key in targets):
+        at.node.report("needs a target: chat, notify_user: true or notify_head: true", shown=None)
+    return receiver
+
+
+_receiver = nested(AlertReceiver, form="must be a receiver mapping", then=_check_receiver)
+
+
+def _alert_receivers(node: Node) -> tuple[AlertReceiver, ...]:
+    return each(node, _receiver, form="must be a list of receivers", unique=False)
 
 
 @section
@@ -540,14 +712,22 @@ class Config:
     user_refresh_interval: float = setting(_positive_duration, default=600.0)
     portals_dir: str | None = setting(_local_path, default=None)
     portals: tuple[Portal, ...] = setting(_portals, default=())
+    alert_receivers: tuple[AlertReceiver, ...] = setting(_alert_receivers, default=())
     source: str = "<config>"
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret in the configuration, for the log redaction to know."""
+        tokens = tuple(r.token for r in self.alert_receivers if r.token)
+        return tuple(secret for portal in self.portals for secret in portal.secrets) + tokens
 
 
 # --------------------------------------------------------------------------- across keys
 
 
 def _finish_config(config: Config, at: Section, environ: Mapping[str, str]) -> Config:
-    """stale_after's default and floor, the portals of portals_dir, unique portal names."""
+    """stale_after's default and floor, the portals of portals_dir, unique portal names,
+    receivers' names and portals."""
     inline = at.given["portals"] if at.has("portals") else None
     entries = (
         [(item.loc.path, item) for item in inline.items("")]
@@ -558,7 +738,8 @@ def _finish_config(config: Config, at: Section, environ: Mapping[str, str]) -> C
     if at.ok("portals_dir") and config.portals_dir is not None:
         files = _portal_files(at.given["portals_dir"], Path(config.portals_dir), environ)
         entries += [(root.loc.source, root) for root, _ in files or ()]
-    _check_portal_names(entries)
+    names = _unique_names(entries, "portal")
+    _check_receivers(at.given.get("alert_receivers"), names)
     # Complain about no portals only when nothing else already explains it.
     explained = (inline is not None and inline.value != []) or (
         files is None and at.has("portals_dir")
@@ -621,17 +802,49 @@ def _portal_files(
     return found
 
 
-def _check_portal_names(entries: list[tuple[str, Node]]) -> None:
-    """Each valid portal name once, across `portals` and `portals_dir`; (label, portal)."""
+def _unique_names(entries: list[tuple[str, Node]], what: str) -> list[str]:
+    """Each valid name once among (label, mapping) `entries`; the valid names, in order."""
     seen: dict[str, str] = {}
-    for label, portal in entries:
-        name = portal.child("name")
+    for label, entry in entries:
+        name = entry.child("name")
         if name is None or not isinstance(name.value, str) or not _NAME_RE.fullmatch(name.value):
-            continue  # reported by the portal's own check
+            continue  # reported by the entry's own check
         if name.value in seen:
-            name.report(f"duplicate portal name (also used by {seen[name.value]})")
+            name.report(f"duplicate {what} name (also used by {seen[name.value]})")
         else:
             seen[name.value] = label
+    return list(seen)
+
+
+def _check_receivers(receivers: Node | None, portals: list[str]) -> None:
+    """Unique receiver names, and each receiver's portal one of `portals`."""
+    if receivers is None or not isinstance(receivers.value, list):
+        return
+    items = receivers.items("")
+    _unique_names([(item.loc.path, item) for item in items], "receiver")
+    for item in items:
+        portal = item.child("portal")
+        named = portal.value.strip() if portal and isinstance(portal.value, str) else None
+        if portal and portals and named is not None and named not in portals:
+            portal.report(f"must name a portal ({', '.join(portals)})")
+
+
+def check_receivers_protected(config: Config, web_config_has_basic_auth: bool) -> list[str]:
+    """One line per alert receiver that nothing protects, for the caller to fail with.
+
+    A receiver needs a token, or basic auth in the web config (``--web-config-file``), which
+    this module never sees: the caller that has loaded both files calls this and raises
+    ``ConfigError(lines)`` when there are any, as for any other config problem.
+    """
+    if web_config_has_basic_auth:
+        return []
+    return [
+        f"{config.source}: alert_receivers[{index}]: needs token or token_file, or"
+        " basic_auth_users in the web config: otherwise anyone who reaches the exporter can"
+        " post into Bitrix24"
+        for index, receiver in enumerate(config.alert_receivers)
+        if receiver.token is None
+    ]
 
 
 # --------------------------------------------------------------------------- entry points

@@ -82,6 +82,7 @@ __all__ = [
 
 T = TypeVar("T")
 C = TypeVar("C")
+S = TypeVar("S", bound=str)
 D = TypeVar("D", bound="DataclassInstance")
 
 
@@ -313,14 +314,15 @@ def boolean(node: Node) -> bool:
     return node.value
 
 
-def one_of(allowed: Iterable[str]) -> Check[str]:
-    """A checker for a string from `allowed`."""
+def one_of(allowed: Iterable[S]) -> Check[S]:
+    """A checker for a string from `allowed` (typed as they are, Literal ones included)."""
     names = tuple(allowed)
 
-    def check(node: Node) -> str:
-        if not isinstance(node.value, str) or node.value not in names:
-            node.fail(f"must be one of {', '.join(names)}")
-        return node.value
+    def check(node: Node) -> S:
+        for name in names:
+            if node.value == name:
+                return name
+        node.fail(f"must be one of {', '.join(names)}")
 
     return check
 
