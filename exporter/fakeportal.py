@@ -354,6 +354,9 @@ class FakePortal:
         self.users: dict[int, FakeUser] = {}
         self.groups: set[int] = set()
         self.departments: dict[int, FakeDepartment] = {}
+        # Users whose task counters every other caller is refused (`result: []`), as for
+        # a user the caller neither is nor heads, even an admin.
+        self.no_access_users: set[int] = set()
         # UF_DEPARTMENT as numeric strings instead of the documented ints.
         self.department_ids_as_strings = False
         self.faults = Faults()
@@ -838,7 +841,7 @@ class FakePortal:
         if group_id > 0 and group_id not in self.groups:
             raise _ApiError(400, "0", _GROUP_DENIED)
         target = user_id or caller.id
-        if target != caller.id and not caller.admin:
+        if target != caller.id and (not caller.admin or target in self.no_access_users):
             return _Result([])
         if target not in self.users or role not in ROLES:
             return _Result([])
