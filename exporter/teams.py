@@ -158,10 +158,13 @@ def shown_departments(
     `min_size`: otherwise its sum minus theirs would reveal a smaller group. Hidden
     sub-departments still count in their shown ancestors, under the same rule.
 
-    Where a department and a sub-department cannot both be shown, the sub-department wins
-    (the more specific number): departments are decided bottom-up, each with every
-    sub-department already decided, and shown whenever the rule allows. No department
-    that is hidden could be shown without breaking the rule for itself.
+    Where a department and a sub-department cannot both be shown, the department higher
+    in the tree wins: a division's total matters to more people than one of its teams, and
+    its head usually sits in it directly, so showing every team would hide the division.
+    Departments are added top-down, the larger of two at the same depth first, each as
+    soon as the rule holds for it and for every shown department above it, until no
+    department can be added: no department stays hidden that could be shown on its own
+    without breaking the rule.
 
     >>> chart = OrgChart.of([DepartmentRecord(1, "Acme", None, None),
     ...                      DepartmentRecord(2, "Sales", 1, None),
@@ -169,25 +172,42 @@ def shown_departments(
     >>> sales, support = frozenset(range(10, 16)), frozenset(range(20, 23))
     >>> covered = {1: sales | support, 2: sales, 3: support}
     >>> sorted(shown_departments(chart, covered, 5))   # Support too small; Acme - Sales = 3
-    [2]
+    [1]
     >>> covered = {1: sales | support | {30, 31}, 2: sales, 3: support}
     >>> sorted(shown_departments(chart, covered, 5))   # Acme - Sales = 5 users
     [1, 2]
     """
+    candidates = [d for d, users in covered.items() if d in chart.departments and users]
+    if min_size <= 1:
+        return set(candidates)  # every rule holds with groups of one
+    depth = {d: len(chart.ancestry(d)) for d in candidates}
+    order = sorted(
+        (d for d in candidates if len(covered[d]) >= min_size),
+        key=lambda d: (depth[d], -len(covered[d]), d),
+    )
     shown: set[int] = set()
-    # Per department, the users covered by its shown sub-departments (at any depth).
-    below: dict[int, frozenset[int]] = {}
-    for department_id in chart.bottom_up():
-        in_shown_children: set[int] = set()
-        for child in chart.children.get(department_id, ()):
-            in_shown_children |= below.get(child, frozenset())
-        users = covered.get(department_id, frozenset())
-        beyond = len(users - in_shown_children)
-        if len(users) >= min_size and (beyond == 0 or beyond >= min_size):
+    # Per shown department, the users it covers beyond its shown sub-departments.
+    beyond: dict[int, frozenset[int]] = {}
+    added = True
+    while added:
+        added = False
+        for department_id in order:
+            if department_id in shown:
+                continue
+            users = covered[department_id]
+            mine = users.difference(
+                *(covered[d] for d in chart.subtree(department_id) & shown)
+            )
+            if 0 < len(mine) < min_size:
+                continue
+            above = [a for a in chart.ancestry(department_id)[1:] if a in shown]
+            if any(0 < len(beyond[a] - users) < min_size for a in above):
+                continue
             shown.add(department_id)
-            below[department_id] = users
-        else:
-            below[department_id] = frozenset(in_shown_children)
+            beyond[department_id] = mine
+            for a in above:
+                beyond[a] -= users
+            added = True
     return shown
 
 

@@ -218,10 +218,11 @@ async def test_aggregate_mode_shows_no_person_and_no_group_under_the_minimum(
     assert with_users == []
     assert {labels["head_user_id"] for labels, _ in found["bitrix24_department_info"]} == {""}
     shown = by_department(found["bitrix24_department_users"], source="tasks")
-    # Key Accounts 5; Field Sales 12 (7 beyond Key Accounts); Support 7; Company 24 (6 beyond
-    # Field Sales and Support). Sales is hidden: beyond Field Sales it has only 4 users, and
-    # so are Inside Sales (3) and Tiny (2, one of whom is refused).
-    assert shown == {16: 5, 14: 12, 13: 7, 11: 24}
+    # Top-down, the larger first: Company 24; Sales 16 (8 of Company's left beyond it);
+    # Support 7 would leave 2 of those 8: hidden; Field Sales 12 would leave 4 of Sales'
+    # 16: hidden; Key Accounts 5 leaves 11. Inside Sales (3) and Tiny (2, one of whom is
+    # refused) are too small.
+    assert shown == {11: 24, 12: 16, 16: 5}
     everyone = set(MEMBERS) - {900124}
     for department_id, count in shown.items():
         mine = covered(department_id, everyone)
