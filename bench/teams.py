@@ -161,7 +161,7 @@ async def requests_table(portal: FakePortal, url: str, refresh_every: int) -> No
             first, first_methods, _ = await cycle_requests(portal, poller)
             plain, _, _ = await cycle_requests(portal, poller)
             force_refresh(poller)
-            refresh, refresh_methods, _ = await cycle_requests(portal, poller)
+            refresh, _, _ = await cycle_requests(portal, poller)
             label = "on" if teams else "off"
             rows.append((f"teams {label}", first, refresh, plain))
             per_cycle[teams] = (refresh + (refresh_every - 1) * plain) / refresh_every
@@ -216,45 +216,52 @@ async def series_table(url: str) -> dict[str, PortalSnapshot]:
 
 
 def suppressed(snapshots: dict[str, PortalSnapshot], portal: FakePortal) -> None:
-    def users_of(snapshot: PortalSnapshot) -> dict[int, int]:
-        return {
-            int(s.labels[1]): int(s.value)
-            for s in snapshot.samples
-            if s.family is DEPARTMENT_USERS and s.labels[2] == "tasks"
-        }
-
-    everyone = users_of(snapshots["none"])  # mode none shows every department with anyone
-    shown = users_of(snapshots["aggregate"])
+    """The departments aggregate mode hides, and why, worked out from the outside: the
+    company's ground truth and the departments the aggregate snapshot shows."""
+    shown = {
+        int(s.labels[1])
+        for s in snapshots["aggregate"].samples
+        if s.family is DEPARTMENT_USERS and s.labels[2] == "tasks"
+    }
     parent = {d.id: d.parent for d in portal.departments.values()}
+
+    def chain(department_id: int) -> list[int]:
+        found = [department_id]
+        while (up := parent.get(found[-1])) is not None:
+            found.append(up)
+        return found
+
     members: dict[int, set[int]] = {d: set() for d in parent}
     for user in portal.users.values():
         for direct in user.departments:
-            step: int | None = direct
-            while step is not None:
-                members[step].add(user.id)
-                step = parent.get(step)
+            for department_id in chain(direct):
+                members[department_id].add(user.id)
+
+    def beyond(department_id: int, visible: set[int]) -> set[int]:
+        below = [d for d in visible if d != department_id and department_id in chain(d)]
+        return members[department_id].difference(*(members[d] for d in below))
+
     rows = []
-    for department_id in sorted(set(parent) - set(shown)):
-        below: set[int] = set()
-        for other in shown:
-            step = parent.get(other)
-            while step is not None and step != department_id:
-                step = parent.get(step)
-            if step == department_id:
-                below |= members[other]
-        covers = everyone.get(department_id, 0)
-        beyond = len(members[department_id] - below)
-        reason = (
-            f"covers {covers} < {MIN_TEAM_SIZE}"
-            if covers < MIN_TEAM_SIZE
-            else (f"{beyond} users beyond its shown sub-departments")
-        )
-        rows.append((department_id, portal.departments[department_id].name, covers, beyond, reason))
-    print(
-        f"departments hidden in aggregate mode (min_team_size {MIN_TEAM_SIZE}): {len(rows)} of"
-        f" {len(parent)}"
-    )
-    print(table(("id", "name", "users covered", "beyond shown sub-departments", "why"), rows))
+    k = MIN_TEAM_SIZE
+    for department_id in sorted(set(parent) - shown):
+        covers = len(members[department_id])
+        mine = len(beyond(department_id, shown))
+        if covers < k:
+            why = f"covers {covers} < {k}"
+        elif 0 < mine < k:
+            why = f"{mine} of its users beyond its shown sub-departments"
+        else:
+            with_it = shown | {department_id}
+            above = next(
+                a
+                for a in chain(department_id)[1:]
+                if a in shown and 0 < len(beyond(a, with_it)) < k
+            )
+            left = len(beyond(above, with_it))
+            why = f"would leave {left} of {portal.departments[above].name}'s users beyond it"
+        rows.append((department_id, portal.departments[department_id].name, covers, why))
+    print(f"departments hidden in aggregate mode (min_team_size {k}): {len(rows)} of {len(parent)}")
+    print(table(("id", "name", "users covered", "why hidden"), rows))
 
 
 async def main() -> None:
