@@ -3,6 +3,7 @@
     bitrix24-exporter --config config.yaml [--listen-address HOST:PORT] [--once] ...
     bitrix24-exporter --config config.yaml --shard-index I --shard-count N   (docs/sharding.md)
     bitrix24-exporter demo [--listen-address HOST:PORT] [--users N]
+    bitrix24-exporter doctor [--config FILE] [--output text|json]
 
 A config error prints one line per problem and exits 2.
 """
@@ -140,10 +141,26 @@ def _demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _doctor_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-exporter doctor",
+        description="Check the config against each portal: reachable, credential, owner,"
+        " scopes, users and load. Exit 0 if nothing failed (warnings allowed), 1 if a check"
+        " failed, 2 for a config error. Reads only; never posts.",
+    )
+    parser.add_argument("--config", "--config.file", dest="config", default="config.yaml")
+    parser.add_argument("--output", choices=["text", "json"], default="text")
+    _common_flags(parser)
+    parser.set_defaults(log_level="warning")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["demo"]:
         return _demo(_demo_parser().parse_args(args_list[1:]))
+    if args_list[:1] == ["doctor"]:
+        return _doctor(_doctor_parser().parse_args(args_list[1:]))
     args = _parser().parse_args(args_list)
     setup_logging(args.log_level, args.log_format)
     try:
@@ -240,6 +257,29 @@ async def _once(config: Config, info: ExporterInfo | None = None) -> int:
         log.error("portals failed: %s", ", ".join(failed))
         return 1
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from exporter import doctor
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return doctor.EXIT_CONFIG
+    add_secrets(*config_secrets(config))
+
+    async def run() -> doctor.Report:
+        async with new_session() as session:
+            return await doctor.diagnose(config, session)
+
+    report = asyncio.run(run())
+    formatted = doctor.format_json if args.output == "json" else doctor.format_text
+    sys.stdout.write(formatted(report))
+    sys.stdout.flush()
+    return report.exit_code
 
 
 def _free_port(host: str) -> int:

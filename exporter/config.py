@@ -359,7 +359,7 @@ def _rate_limit(node: Node) -> RateLimit:
 class WebhookAuth:
     """An incoming webhook, ``https://PORTAL/rest/USER_ID/SECRET/``.
 
-    `url` is normalised to end with ``/`` so that `method_url` is a plain concatenation.
+    `url` is normalised to end with ``/`` so that a method name is a plain concatenation.
     ``repr`` and ``str`` show `redacted`, never the secret.
     """
 
@@ -371,11 +371,6 @@ class WebhookAuth:
             raise ValueError(f"webhook URL {problem}, got {redact_url(self.url)!r}")
         # Frozen, so the normalised form has to be written around __setattr__.
         object.__setattr__(self, "url", normalised)
-
-    @property
-    def base(self) -> str:
-        """The URL that method names are appended to (same as `url`)."""
-        return self.url
 
     @property
     def user_id(self) -> int:
@@ -391,10 +386,6 @@ class WebhookAuth:
     def redacted(self) -> str:
         """`url` with the secret replaced by ``<secret>``, safe for logs and labels."""
         return self.url[: -len(self.secret) - 1] + "<secret>/"
-
-    def method_url(self, method: str) -> str:
-        """The URL to POST a REST `method` (e.g. ``im.counters.get``) to."""
-        return self.url + method
 
     def __repr__(self) -> str:
         return f"WebhookAuth(url={self.redacted!r})"
@@ -536,20 +527,19 @@ PRIVACY_MODES: Final[tuple[PrivacyMode, ...]] = ("none", "pseudonymous", "aggreg
 _MIN_SECRET_LENGTH: Final = 16
 
 
-def _long_secret(node: Node, secret: str, what: str) -> str:
-    if len(secret) < _MIN_SECRET_LENGTH:
-        node.fail(
-            f"must be {what} of at least {_MIN_SECRET_LENGTH} characters", shown=f"{len(secret)}"
-        )
-    return secret
+def _long_secret(key: str, what: str) -> Mapping[str, Check[str]]:
+    """`key` or `key`_file (a file holding it), `what` of at least 16 characters."""
 
+    def check(node: Node, secret: str) -> str:
+        if len(secret) < _MIN_SECRET_LENGTH:
+            message = f"must be {what} of at least {_MIN_SECRET_LENGTH} characters"
+            node.fail(message, shown=f"{len(secret)}")
+        return secret
 
-def _pseudonym_key(node: Node) -> str:
-    return _long_secret(node, _secret_text(node), "a key")
-
-
-def _pseudonym_key_file(node: Node) -> str:
-    return _long_secret(node, _secret_file(node), "a key")
+    return {
+        key: lambda node: check(node, _secret_text(node)),
+        f"{key}_file": lambda node: check(node, _secret_file(node)),
+    }
 
 
 @section
@@ -560,7 +550,7 @@ class PrivacySettings:
 
     mode: PrivacyMode = setting(one_of(PRIVACY_MODES), default="none")
     pseudonym_key: str | None = setting(
-        {"pseudonym_key": _pseudonym_key, "pseudonym_key_file": _pseudonym_key_file},
+        _long_secret("pseudonym_key", "a key"),
         default=None,
         repr=False,
     )
@@ -656,14 +646,6 @@ def _dialog_id(node: Node) -> str:
     return value.strip()
 
 
-def _token(node: Node) -> str:
-    return _long_secret(node, _secret_text(node), "a token")
-
-
-def _token_file(node: Node) -> str:
-    return _long_secret(node, _secret_file(node), "a token")
-
-
 @section
 class AlertReceiver:
     """Where Alertmanager's notifications to ``POST /alerts/<name>`` are delivered: a chat,
@@ -673,9 +655,7 @@ class AlertReceiver:
 
     name: str = setting(_name)
     portal: str = setting(_text)
-    token: str | None = setting(
-        {"token": _token, "token_file": _token_file}, default=None, repr=False
-    )
+    token: str | None = setting(_long_secret("token", "a token"), default=None, repr=False)
     chat: str | None = setting(_dialog_id, default=None)
     notify_user: bool = setting(boolean, default=False)
     notify_head: bool = setting(boolean, default=False)

@@ -34,6 +34,11 @@ class FetchStore:
         # The (user, source) pairs of the last cycle: when a cycle gets no answer at all,
         # they are the ones that failed.
         self.watched: set[Owner] = set()
+        # Why each (user, source) failed in the cycle running now (a FetchError's code).
+        self.reasons: dict[Owner, str] = {}
+
+    def failed_because(self, owner: Owner, code: str) -> None:
+        self.reasons[owner] = code
 
     def succeed(self, key: str, samples: Iterable[Sample], now: float) -> None:
         fetch = self.fetches.setdefault(key, Fetch())
@@ -74,9 +79,21 @@ class FetchStore:
     def samples(self) -> tuple[Sample, ...]:
         return tuple(s for fetch in self.fetches.values() for s in fetch.samples)
 
-    def statuses(self, fresh: Mapping[Owner, bool], up: bool) -> tuple[Status, ...]:
-        """One status per (user, source) of the cycle; none succeeds on a portal that is down."""
+    def statuses(
+        self, fresh: Mapping[Owner, bool], up: bool, cycle_error: str | None = None
+    ) -> tuple[Status, ...]:
+        """One status per (user, source) of the cycle; none succeeds on a portal that is down.
+
+        A failed one carries its reason: its own failure's code, else the cycle's. The
+        reasons are the cycle's: they are forgotten here."""
+        reasons, self.reasons = self.reasons, {}
         return tuple(
-            Status(user_id, source, ok and up, self.last_success.get((user_id, source)))
+            Status(
+                user_id,
+                source,
+                ok and up,
+                self.last_success.get((user_id, source)),
+                None if ok and up else reasons.get((user_id, source)) or cycle_error,
+            )
             for (user_id, source), ok in sorted(fresh.items())
         )

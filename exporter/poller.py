@@ -165,7 +165,8 @@ class PortalPoller:
             self.once.resolve("portal", f"portal {self.portal.name}: poll succeeded again")
         self.cycles += 1
         await asyncio.sleep(0)  # a scrape may go between the mapping and the snapshot
-        return self._snapshot(result.up, error, fresh, time.monotonic() - started, behind)
+        code = None if result.failure is None else result.failure.error
+        return self._snapshot(result.up, error, fresh, time.monotonic() - started, behind, code)
 
     # -- one cycle --------------------------------------------------------------
 
@@ -231,6 +232,7 @@ class PortalPoller:
                     failure = exc
         if failure is not None:
             self.store.fail(planned.command.key, now, self.config.stale_after)
+            self.store.failed_because((planned.user_id, planned.source.name), failure.error)
             self.fetch_log.failed(planned, failure)
             return False
         self.fetch_log.succeeded(planned)
@@ -274,9 +276,15 @@ class PortalPoller:
     # -- snapshot ---------------------------------------------------------------
 
     def _snapshot(
-        self, up: bool, error: str | None, fresh: dict[Owner, bool], duration: float, behind: float
+        self,
+        up: bool,
+        error: str | None,
+        fresh: dict[Owner, bool],
+        duration: float,
+        behind: float,
+        code: str | None = None,
     ) -> PortalSnapshot:
-        statuses = self.store.statuses(fresh, up)
+        statuses = self.store.statuses(fresh, up, code)
         watched = {user_id for user_id, _ in fresh}
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
         samples = self.store.samples()

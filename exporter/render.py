@@ -243,6 +243,8 @@ class Publisher:
     current: Exposition | None = None
     # Portals whose snapshot is in `current` (readiness means "on /metrics", not "polled").
     rendered: frozenset[str] = frozenset()
+    # Called with every published snapshot, on the event loop (the status page's history).
+    listeners: list[Callable[[PortalSnapshot], None]] = field(default_factory=list)
     _blocks: dict[str, dict[Family, str]] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _stale: bool = False
@@ -256,6 +258,8 @@ class Publisher:
         self.snapshots[snapshot.name] = snapshot
         self._dirty.add(snapshot.name)
         self._changed.set()
+        for listener in self.listeners:
+            listener(snapshot)
 
     def remove(self, portal: str) -> None:
         self.snapshots.pop(portal, None)

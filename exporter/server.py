@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import logging
 import signal
 import time
@@ -23,6 +22,8 @@ from exporter import __version__
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
 from exporter.render import ExporterInfo, Publisher
+from exporter.statusbook import StatusBook
+from exporter.statuspage import render_page
 from exporter.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PUBLISHER = web.AppKey("publisher", Publisher)
+STATUS_BOOK = web.AppKey("status_book", StatusBook)
 LOADER: web.AppKey[Callable[[], Config]] = web.AppKey("loader")
 
 
@@ -110,36 +112,24 @@ async def reload_handler(request: web.Request) -> web.Response:
 
 
 async def landing_handler(request: web.Request) -> web.Response:
+    """The status page: built from what is in memory, so it never waits on Bitrix24."""
     supervisor = request.app[SUPERVISOR]
-    snapshots = request.app[PUBLISHER].snapshots
-    rows = []
-    for name in sorted(supervisor.pollers):
-        snap = snapshots.get(name)
-        if snap is None:
-            state, detail = "starting", "first cycle running"
-        else:
-            state = "up" if snap.up else "down"
-            ok = sum(1 for s in snap.statuses if s.success)
-            detail = f"{ok}/{len(snap.statuses)} fetches ok, cycle {snap.duration or 0:.1f}s"
-            if snap.error:
-                detail += f"; {snap.error}"
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{state}</td><td>{html.escape(detail)}</td></tr>"
-        )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Bitrix24 exporter</title></head>
-<body><h1>Bitrix24 exporter</h1>
-<p>Version {html.escape(__version__)}. Counters are polled in the background every
-{supervisor.config.poll_interval:g}s; scrapes serve the last poll.</p>
-<ul><li><a href="metrics">Metrics</a></li><li><a href="healthz">Health</a></li>
-<li><a href="readyz">Readiness</a></li></ul>
-<table border="1" cellpadding="4"><tr><th>Portal</th><th>State</th><th>Last cycle</th></tr>
-{"".join(rows)}
-</table></body></html>
-"""
+    publisher = request.app[PUBLISHER]
+    book = request.app[STATUS_BOOK]
+    running = supervisor.pollers
+    book.forget(running)
+    view = book.view(
+        portals=[poller.portal for poller in running.values()],
+        snapshots=publisher.snapshots,
+        poll_interval=supervisor.config.poll_interval,
+        version=__version__,
+        reload_ok=publisher.info.reload_successful,
+        reload_at=publisher.info.reload_timestamp,
+        shard=publisher.info.shard,
+    )
     # "replace": an error text from the portal may hold a lone surrogate ("\ud800" is valid
     # JSON), which strict UTF-8 cannot encode.
-    body = page.encode("utf-8", "replace")
+    body = render_page(view).encode("utf-8", "replace")
     return web.Response(body=body, content_type="text/html", charset="utf-8")
 
 
@@ -154,6 +144,8 @@ def build_app(
     """The exporter as an aiohttp application; polling starts with the app."""
     app = web.Application(middlewares=list(middlewares))
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
+    app[STATUS_BOOK] = StatusBook()
+    app[PUBLISHER].listeners.append(app[STATUS_BOOK].observe)
 
     if loader is not None:
         app[LOADER] = loader

@@ -20,6 +20,7 @@ class Status:
     source: str  # a source's name: "tasks", "im", ...
     success: bool
     last_success: float | None  # unix time
+    reason: str | None = None  # why the last fetch failed: its error code, e.g. NoAccess
 
 
 @dataclass(frozen=True, slots=True)

@@ -195,9 +195,8 @@ def shown_departments(
             if department_id in shown:
                 continue
             users = covered[department_id]
-            mine = users.difference(
-                *(covered[d] for d in chart.subtree(department_id) & shown)
-            )
+            below = chart.subtree(department_id) & shown
+            mine = users.difference(*(covered[d] for d in below))
             if 0 < len(mine) < min_size:
                 continue
             above = [a for a in chart.ancestry(department_id)[1:] if a in shown]

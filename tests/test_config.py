@@ -342,15 +342,12 @@ def test_portals_dir_alone(tmp_path: Path) -> None:
 
 
 def test_webhook_auth_parts() -> None:
-    """WebhookAuth normalises the URL and exposes user id, secret and method URLs."""
+    """WebhookAuth normalises the URL and exposes user id and secret."""
     auth = WebhookAuth("https://acme.bitrix24.com/rest/1/s3cr3t")
-    assert auth.url == auth.base == "https://acme.bitrix24.com/rest/1/s3cr3t/"
+    assert auth.url == "https://acme.bitrix24.com/rest/1/s3cr3t/"
     assert auth.user_id == 1
     assert auth.secret == "s3cr3t"
     assert auth.redacted == "https://acme.bitrix24.com/rest/1/<secret>/"
-    assert auth.method_url("im.counters.get") == (
-        "https://acme.bitrix24.com/rest/1/s3cr3t/im.counters.get"
-    )
 
 
 def test_webhook_auth_rejects_bad_url_without_leaking() -> None:

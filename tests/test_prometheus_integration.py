@@ -8,10 +8,11 @@ every `for:` shortened to 2s.
 
 Then every PromQL expression of the dashboard (template variables set to real values: the
 acme portal, every department, user 1, role view_all, group 0) and of the rules is run
-through the HTTP API and must succeed with at least one series. Alert expressions are normally empty, so each is
-evaluated without its final threshold comparison (`x > 5` -> `x`; `absent(up{...})` -> the
-selector `up{...}`). Finally a user's overdue count is raised in the fake portal and
-Bitrix24UserTasksOverdue must become pending or firing for that user, with their name.
+through the HTTP API and must succeed with at least one series. Alert expressions are
+normally empty, so each is evaluated without its final threshold comparison (`x > 5` ->
+`x`; `absent(up{...})` -> the selector `up{...}`). Finally a user's overdue count is
+raised in the fake portal and Bitrix24UserTasksOverdue must become pending or firing for
+that user, with their name.
 """
 
 from __future__ import annotations

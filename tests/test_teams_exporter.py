@@ -211,6 +211,11 @@ async def test_aggregate_mode_shows_no_person_and_no_group_under_the_minimum(
     assert list(leaks(metrics + landing + stderr)) == []
     assert "credential belongs to a user" in stderr
     assert "tasks.task.counters.get for one or more users" in stderr
+    # The status page counts without naming: 25 watched, the refused one among failures,
+    # and the departments shown.
+    assert '<span id="acme-users">25</span>' in landing
+    assert '<span id="acme-departments">3</span>' in landing
+    assert "tasks counters not fetched" in landing
     found = families(metrics)
     with_users = [
         name for name, rows in found.items() if any("user_id" in labels for labels, _ in rows)

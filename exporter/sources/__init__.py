@@ -29,6 +29,8 @@ class Source(Protocol):
     method: ClassVar[str]
     # The families this source's samples belong to, in exposition order.
     families: ClassVar[tuple[Family, ...]]
+    # The scopes that allow the method (any one of them); `doctor` checks them.
+    scopes: ClassVar[tuple[str, ...]]
     # True for methods that only read the caller's own data (im.counters.get): they are
     # asked once per credential, for its own user, never for other users.
     caller_only: ClassVar[bool]
