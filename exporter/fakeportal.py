@@ -1,12 +1,12 @@
 """A fake Bitrix24 portal served over real HTTP, for the demo, the tests and the benchmarks.
 
 `FakePortal` owns an `aiohttp.web.Application` that answers the REST methods the exporter
-uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get`,
-`scope` and `batch`) the way a cloud portal does, as described in docs/bitrix24.md: webhook URLs and
-OAuth access tokens (`auth`, `access_token` or a Bearer header), query-string and body
-parameters merged with PHP semantics (so `ACTIVE=false` in a form is
-truthy), error bodies without a `time` block, the per-portal leaky bucket (503
-`QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
+uses (`profile`, `user.get`, `user.current`, `department.get`, `im.counters.get`,
+`tasks.task.counters.get`, `scope` and `batch`) the way a cloud portal does, as described
+in docs/bitrix24.md: webhook URLs and OAuth access tokens (`auth`, `access_token` or a
+Bearer header), query-string and body parameters merged with PHP semantics (so
+`ACTIVE=false` in a form is truthy), error bodies without a `time` block, the per-portal
+leaky bucket (503 `QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
 `OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`). Each webhook and
 application holds scopes (every one of `DEFAULT_SCOPES` unless given): `scope` lists them,
 and a method outside them answers 401 `insufficient_scope`.
@@ -50,11 +50,13 @@ from aiohttp import web
 
 __all__ = [
     "DEFAULT_SCOPES",
+    "DEMO_DEPARTMENTS",
     "LEGACY_COUNTER_CODES",
     "NEW_COUNTER_CODES",
     "ROLES",
     "TOKEN_METHOD",
     "Credential",
+    "FakeDepartment",
     "FakePortal",
     "FakeUser",
     "Faults",
@@ -113,6 +115,7 @@ _ALL_SCOPES: Final = (
 _METHOD_SCOPES: Final = {
     "user.get": ("user", "user_basic", "user_brief"),
     "user.current": ("user", "user_basic", "user_brief"),
+    "department.get": ("department",),
     "im.counters.get": ("im",),
     "tasks.task.counters.get": ("task",),
     "im.message.add": ("im",),
@@ -184,6 +187,20 @@ class FakeUser:
     active: bool = True
     admin: bool = False
     user_type: str = "employee"
+    # UF_DEPARTMENT: the departments the user is directly in (extranet users: none).
+    departments: tuple[int, ...] = (1,)
+
+
+@dataclass
+class FakeDepartment:
+    """A department of the company structure; `parent` None is the root, `head` None none."""
+
+    id: int
+    name: str
+    parent: int | None = None
+    head: int | None = None
+    sort: int = 500
+    active: bool = True
 
 
 @dataclass
@@ -390,6 +407,12 @@ class FakePortal:
         self.seed = seed
         self.users: dict[int, FakeUser] = {}
         self.groups: set[int] = set()
+        self.departments: dict[int, FakeDepartment] = {}
+        # Users whose task counters every other caller is refused (`result: []`), as for
+        # a user the caller neither is nor heads, even an admin.
+        self.no_access_users: set[int] = set()
+        # UF_DEPARTMENT as numeric strings instead of the documented ints.
+        self.department_ids_as_strings = False
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
         self._rng = random.Random(seed)
@@ -412,6 +435,7 @@ class FakePortal:
         self._handlers: dict[str, _Handler] = {
             "profile": self._profile,
             "user.current": self._user_current,
+            "department.get": self._department_get,
             "user.get": self._user_get,
             "im.counters.get": self._im_counters_get,
             "tasks.task.counters.get": self._task_counters_get,
@@ -538,6 +562,11 @@ class FakePortal:
         """
         self._chats[chat_id] = _Chat(set(members), group_id)
         return f"chat{chat_id}"
+
+    def add_department(self, department: FakeDepartment) -> FakeDepartment:
+        """Add a department; `department.get` lists the active ones, parents first."""
+        self.departments[department.id] = department
+        return department
 
     def add_group(self, group_id: int) -> None:
         """Make `groupId` valid for `tasks.task.counters.get`."""
@@ -810,7 +839,7 @@ class FakePortal:
         )
 
     def _user_current(self, credential: Credential, params: dict[str, Any]) -> _Result:
-        return _Result(_user_record(self._caller(credential)))
+        return _Result(self._user_row(self._caller(credential)))
 
     def _user_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
         self._caller(credential)
@@ -826,11 +855,49 @@ class FakePortal:
         start = _php_intval(query.get("START", 0))
         if start < 0:
             # start=-1 skips the count: no total, no next, first page only.
-            return _Result([_user_record(u) for u in users[:PAGE_SIZE]])
+            return _Result([self._user_row(u) for u in users[:PAGE_SIZE]])
         offset = start // PAGE_SIZE * PAGE_SIZE
-        page = [_user_record(u) for u in users[offset : offset + PAGE_SIZE]]
+        page = [self._user_row(u) for u in users[offset : offset + PAGE_SIZE]]
         following = offset + PAGE_SIZE
         return _Result(page, total=len(users), next=following if following < len(users) else None)
+
+    def _user_row(self, user: FakeUser) -> dict[str, Any]:
+        row = _user_record(user)
+        if self.department_ids_as_strings:
+            row["UF_DEPARTMENT"] = [str(d) for d in row["UF_DEPARTMENT"]]
+        return row
+
+    def _department_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        self._caller(credential)
+        # Filter keys are upper case and matched as written (the portal's own check is
+        # case-sensitive); `sort` and `order` are lower case, `START` pages.
+        raw = params.get("FILTER")
+        conditions = raw if isinstance(raw, dict) else params
+        rows = [d for d in self._tree_order() if d.active and _department_matches(d, conditions)]
+        sort = params.get("sort")
+        if isinstance(sort, str) and sort.upper() in _DEPARTMENT_FIELDS:
+            descending = str(params.get("order", "ASC")).upper() == "DESC"
+            rows.sort(key=lambda d: _department_sort_key(d, sort.upper()), reverse=descending)
+        start = params.get("START", params.get("start", 0))
+        offset = max(0, _php_intval(start)) // PAGE_SIZE * PAGE_SIZE
+        page = [_department_record(d) for d in rows[offset : offset + PAGE_SIZE]]
+        following = offset + PAGE_SIZE
+        return _Result(page, total=len(rows), next=following if following < len(rows) else None)
+
+    def _tree_order(self) -> list[FakeDepartment]:
+        """Every department, each parent before its children (Bitrix24's default order)."""
+        children: dict[int | None, list[FakeDepartment]] = {}
+        for department in self.departments.values():
+            parent = department.parent if department.parent in self.departments else None
+            children.setdefault(parent, []).append(department)
+        ordered: list[FakeDepartment] = []
+        stack = sorted(children.get(None, []), key=lambda d: (d.sort, d.id), reverse=True)
+        while stack:
+            department = stack.pop()
+            ordered.append(department)
+            below = sorted(children.get(department.id, []), key=lambda d: (d.sort, d.id))
+            stack.extend(reversed(below))
+        return ordered
 
     def _im_counters_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
         # No user parameter exists: the handler always reads the caller's own counters.
@@ -845,7 +912,7 @@ class FakePortal:
         if group_id > 0 and group_id not in self.groups:
             raise _ApiError(400, "0", _GROUP_DENIED)
         target = user_id or caller.id
-        if target != caller.id and not caller.admin:
+        if target != caller.id and (not caller.admin or target in self.no_access_users):
             return _Result([])
         if target not in self.users or role not in ROLES:
             return _Result([])
@@ -1024,8 +1091,22 @@ class FakePortal:
 # ---- module helpers -------------------------------------------------------------------------
 
 
+# The demo company: four levels, a department without a head (Support, Key Accounts).
+DEMO_DEPARTMENTS: Final = (
+    FakeDepartment(1, "Acme", None, head=1),
+    FakeDepartment(2, "Sales", 1, head=2),
+    FakeDepartment(3, "Support", 1),
+    FakeDepartment(4, "Field Sales", 2, head=3),
+    FakeDepartment(5, "R&D", 1, head=5),
+    FakeDepartment(6, "Key Accounts", 4),
+)
+# Who is where; user 3 is in two departments. Later users go round the departments.
+_DEMO_MEMBERSHIPS: Final = {1: (1,), 2: (2,), 3: (4, 3), 4: (6,), 5: (5,), 6: (3,)}
+
+
 def demo_portal(*, users: int = 6, seed: int = 1) -> tuple[FakePortal, str]:
-    """A portal with named users (user 1 is admin) and non-zero counters.
+    """A portal with named users (user 1 is admin), non-zero counters and the
+    `DEMO_DEPARTMENTS` tree.
 
     Returns the portal and the webhook path of user 1. Rate limits are the standard plan's.
     """
@@ -1042,11 +1123,16 @@ def demo_portal(*, users: int = 6, seed: int = 1) -> tuple[FakePortal, str]:
     portal = FakePortal(seed=seed)
     rng = random.Random(seed)
     portal.add_group(7)
+    for department in DEMO_DEPARTMENTS:
+        portal.add_department(copy.copy(department))
     for user_id in range(1, users + 1):
         name, last_name = (
             names[user_id - 1] if user_id <= len(names) else (f"User{user_id}", "Demo")
         )
-        portal.add_user(FakeUser(user_id, name, last_name, admin=user_id == 1))
+        departments = _DEMO_MEMBERSHIPS.get(user_id) or (DEMO_DEPARTMENTS[user_id % 6].id,)
+        portal.add_user(
+            FakeUser(user_id, name, last_name, admin=user_id == 1, departments=departments)
+        )
         for role in ROLES:
             portal.set_task_counters(
                 user_id,
@@ -1288,8 +1374,50 @@ def _user_record(user: FakeUser) -> dict[str, Any]:
         "LAST_NAME": user.last_name,
         "SECOND_NAME": "",
         "USER_TYPE": user.user_type,
-        "UF_DEPARTMENT": [1] if user.user_type == "employee" else [],
+        "UF_DEPARTMENT": list(user.departments) if user.user_type == "employee" else [],
     }
+
+
+def _department_record(department: FakeDepartment) -> dict[str, Any]:
+    # Only set fields are copied: no PARENT on the root, no UF_HEAD without a head; ids
+    # are strings and SORT an int, as the real portal sends them.
+    row: dict[str, Any] = {"ID": str(department.id), "NAME": department.name}
+    row["SORT"] = department.sort
+    if department.parent is not None:
+        row["PARENT"] = str(department.parent)
+    if department.head is not None:
+        row["UF_HEAD"] = str(department.head)
+    return row
+
+
+_DEPARTMENT_FIELDS: Final = ("ID", "NAME", "SORT", "PARENT", "UF_HEAD")
+
+
+def _department_matches(department: FakeDepartment, conditions: dict[str, Any]) -> bool:
+    fields = {
+        "ID": department.id,
+        "NAME": department.name,
+        "SORT": department.sort,
+        "PARENT": department.parent,
+        "UF_HEAD": department.head,
+    }
+    for key, value in fields.items():
+        if key not in conditions:
+            continue
+        wanted = conditions[key]
+        if isinstance(wanted, dict):
+            wanted = list(wanted.values())
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if str(value if value is not None else "") not in {str(o).strip() for o in options}:
+            return False
+    return True
+
+
+def _department_sort_key(department: FakeDepartment, field_name: str) -> tuple[int, str]:
+    if field_name == "NAME":
+        return (0, department.name)
+    numbers = {"ID": department.id, "SORT": department.sort, "PARENT": department.parent}
+    return (numbers.get(field_name, department.head) or 0, "")
 
 
 def _user_matches(user: FakeUser, conditions: dict[str, Any]) -> bool:

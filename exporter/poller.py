@@ -27,8 +27,10 @@ from exporter.failures import Code, FetchError, PayloadError
 from exporter.fetchlog import FetchLog
 from exporter.fetchstore import FetchStore, Owner
 from exporter.oncelog import OnceLog
-from exporter.snapshot import PortalSnapshot, copy_stats
+from exporter.privacy import Privacy
+from exporter.snapshot import PortalSnapshot, copy_stats, health_of
 from exporter.sources import Planned, Planner, Source, sources_for
+from exporter.teams import TeamView, department_samples
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +97,16 @@ class PortalPoller:
         same_auth = old is not None and old.clients.portal.auth == portal.auth
         self.directory = old.directory if old and same_auth else UserDirectory(portal.name)
         self.directory.keep_callers(set(self.clients.callers))
+        # Everything that leaves the process (snapshots, log lines) passes the privacy mode.
+        self.privacy = Privacy.of(portal)
+        self.directory.who = self.privacy.who
+        tasks = portal.tasks
+        pairs = frozenset((str(g), r) for g in tasks.groups for r in tasks.roles)
+        self.team_view = TeamView(portal.name, pairs, self.privacy.min_team_size)
         self.store = old.store if old and same_auth else FetchStore()
         self.cycles = old.cycles if old and same_auth else 0
         self.once = old.once if old else OnceLog(log)
-        self.fetch_log = FetchLog(portal.name, self.once)
+        self.fetch_log = FetchLog(portal.name, self.once, self.privacy.who)
         self.capacity = CapacityCheck(portal, config, self.once)
         self.next_start: float | None = old.next_start if old else None
         self._stop = asyncio.Event()
@@ -165,7 +173,11 @@ class PortalPoller:
     async def _collect(self) -> _CycleResult:
         profile = await self.directory.learn_profile(self.main, self.portal.tasks)
         users = await self.directory.task_users(
-            self.main, self.portal.tasks, self.config.user_refresh_interval, self.once
+            self.main,
+            self.portal.tasks,
+            self.config.user_refresh_interval,
+            self.once,
+            teams=self.portal.teams.enabled,
         )
         plan = self.planner.plan(users, profile.user_id)
         self.capacity.check_load(len(plan), len(self.clients.callers))
@@ -273,12 +285,18 @@ class PortalPoller:
         code: str | None = None,
     ) -> PortalSnapshot:
         statuses = self.store.statuses(fresh, up, code)
-        watched = {s.user_id for s in statuses}
+        watched = {user_id for user_id, _ in fresh}
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
-        return PortalSnapshot(
+        samples = self.store.samples()
+        chart = self.directory.chart
+        if self.portal.teams.enabled and chart is not None:
+            memberships = self.directory.memberships
+            teams = department_samples(self.team_view, chart, memberships, watched, samples)
+            samples += tuple(teams)
+        snapshot = PortalSnapshot(
             name=self.portal.name,
             up=up,
-            samples=self.store.samples(),
+            samples=samples,
             statuses=statuses,
             user_names=names,
             stats=copy_stats(self.stats),
@@ -287,4 +305,6 @@ class PortalPoller:
             behind=behind,
             cycles=self.cycles,
             error=error,
+            health=health_of(statuses),
         )
+        return self.privacy.apply(snapshot)

@@ -122,6 +122,12 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
             lines[metrics.LAST_SUCCESS].append(
                 _line(metrics.LAST_SUCCESS.name, metrics.LAST_SUCCESS, key, status.last_success)
             )
+    for health in snap.health:
+        for family, count in (
+            (metrics.COLLECT_USERS, health.users),
+            (metrics.COLLECT_SUCCESS_USERS, health.succeeded),
+        ):
+            lines[family].append(_line(family.name, family, (p, health.source), float(count)))
     for user_id, name in snap.user_names:
         lines[metrics.USER_INFO].append(
             _line(metrics.USER_INFO.name, metrics.USER_INFO, (p, str(user_id), name), 1.0)

@@ -16,11 +16,30 @@ from exporter.mapping import Sample
 class Status:
     """Whether one user's counters from one source were fetched in the last cycle."""
 
-    user_id: int
+    user_id: int | str  # a pseudonym in privacy mode pseudonymous (exporter.privacy)
     source: str  # a source's name: "tasks", "im", ...
     success: bool
     last_success: float | None  # unix time
     reason: str | None = None  # why the last fetch failed: its error code, e.g. NoAccess
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """How many users one source fetched counters for, and for how many it worked."""
+
+    source: str
+    users: int
+    succeeded: int
+
+
+def health_of(statuses: tuple[Status, ...]) -> tuple[SourceHealth, ...]:
+    """The per-source counts of `statuses`, which outlive the privacy mode ``aggregate``."""
+    users: dict[str, int] = {}
+    succeeded: dict[str, int] = {}
+    for status in statuses:
+        users[status.source] = users.get(status.source, 0) + 1
+        succeeded[status.source] = succeeded.get(status.source, 0) + status.success
+    return tuple(SourceHealth(s, users[s], succeeded[s]) for s in sorted(users))
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,7 @@ class PortalSnapshot:
     behind: float
     cycles: int
     error: str | None = None
+    health: tuple[SourceHealth, ...] = ()
 
 
 def copy_stats(stats: ClientStats) -> ClientStats:

@@ -17,6 +17,7 @@ from typing import Final
 
 from exporter.config import Portal
 from exporter.logs import mask
+from exporter.metrics import DEPARTMENT_INFO
 from exporter.snapshot import PortalSnapshot
 from exporter.statuspage import BudgetUse, ErrorLine, FailureGroup, PageView, PortalView
 
@@ -161,8 +162,8 @@ class StatusBook:
             duration=snap.duration,
             behind=snap.behind,
             next_cycle=next_cycle,
-            users=len({s.user_id for s in snap.statuses}),
-            departments=None,
+            users=watched_users(snap),
+            departments=sum(1 for s in snap.samples if s.family is DEPARTMENT_INFO) or None,
             failures=failure_groups(snap, names=names_shown(portal)),
             requests=last.requests - first.requests,
             throttled=last.throttled - first.throttled,
@@ -177,6 +178,13 @@ class StatusBook:
         )
 
 
+def watched_users(snap: PortalSnapshot) -> int:
+    """How many users the portal watches (in privacy mode aggregate: from the counts)."""
+    if snap.statuses:
+        return len({s.user_id for s in snap.statuses})
+    return max((h.users for h in snap.health), default=0)
+
+
 def failure_groups(snap: PortalSnapshot, *, names: bool) -> tuple[FailureGroup, ...]:
     """Users whose last fetch failed, grouped by reason, most users first.
 
@@ -184,18 +192,25 @@ def failure_groups(snap: PortalSnapshot, *, names: bool) -> tuple[FailureGroup, 
     own a failure takes the cycle's error (the whole cycle failed).
     """
     fallback = "the cycle failed"
-    by_reason: dict[str, set[int]] = {}
+    by_reason: dict[str, set[int | str]] = {}
     for status in snap.statuses:
         if not status.success:
             reason = status.reason or fallback
             by_reason.setdefault(reason, set()).add(status.user_id)
-    known = dict(snap.user_names)
+    known: dict[int | str, str] = dict(snap.user_names)
     groups = [
         FailureGroup(
             reason=reason,
             users=len(users),
-            names=tuple(known.get(u, f"user {u}") for u in sorted(users)) if names else (),
+            names=tuple(known.get(u, f"user {u}") for u in sorted(users, key=str)) if names else (),
         )
         for reason, users in by_reason.items()
     ]
+    if not snap.statuses:
+        # Privacy mode aggregate keeps no per-user status: the counts per source instead.
+        groups += [
+            FailureGroup(f"{h.source} counters not fetched", h.users - h.succeeded, ())
+            for h in snap.health
+            if h.succeeded < h.users
+        ]
     return tuple(sorted(groups, key=lambda g: (-g.users, g.reason)))

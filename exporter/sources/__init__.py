@@ -101,7 +101,8 @@ def sources_for(portal: Portal) -> tuple[Source, ...]:
 
 def source_families() -> tuple[Family, ...]:
     """Every source's families, in exposition order."""
+    from exporter.sources.departments import DepartmentsSource
     from exporter.sources.im import ImSource
     from exporter.sources.tasks import TasksSource
 
-    return (*TasksSource.families, *ImSource.families)
+    return (*TasksSource.families, *ImSource.families, *DepartmentsSource.families)
