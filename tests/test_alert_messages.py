@@ -334,13 +334,20 @@ class Settings:
 
 
 class Portal:
-    """The portal as polling knows it: no client needed to plan, and two names."""
+    """The portal as polling knows it: no client needed to plan, and two names; with
+    `privacy`, its series carry pseudonyms instead of user ids."""
+
+    def __init__(self, *, privacy: bool = False) -> None:
+        self.privacy = privacy
 
     def client(self, portal: str) -> None:
         return None
 
     def user_names(self, portal: str) -> dict[int, str]:
         return {3: "Clara Schmidt", 7: "Hugo Martin"}
+
+    def user_ids_exported(self, portal: str) -> bool:
+        return not self.privacy
 
 
 class Company:
@@ -353,8 +360,10 @@ class Company:
         return {15: "R&D"}.get(department_id)
 
 
-def _targets(settings: Settings, departments: Any, *alerts: dict[str, Any]) -> dict[str, str]:
-    receiver = Receiver(settings, Portal(), AlertStats(), departments=departments)
+def _targets(
+    settings: Settings, departments: Any, *alerts: dict[str, Any], privacy: bool = False
+) -> dict[str, str]:
+    receiver = Receiver(settings, Portal(privacy=privacy), AlertStats(), departments=departments)
     return {
         t.shown: t.params["MESSAGE"] for t in receiver.targets(parse_notification(body(*alerts)))
     }
@@ -388,3 +397,35 @@ def test_without_the_company_structure_no_head_is_told() -> None:
     told = _targets(Settings(notify_user=False), NoDepartments(), a)
     assert list(told) == ["chat chat42"]
     assert "Department: department 15" in told["chat chat42"]
+
+
+def test_a_department_alert_names_its_department_and_head() -> None:
+    """The teams rules' labels: the department by name (from the structure, else from
+    the `department` label) and its head as a mention; the head is notified."""
+    a = alert(
+        name="Bitrix24DepartmentTasksOverdue",
+        labels={"department_id": "16", "department": "Field", "head_user_id": "7", "head": "H"},
+        annotations={"summary": "Department Field on acme has 4.0 overdue tasks per person"},
+    )
+    told = _targets(Settings(notify_user=False), NoDepartments(), a)
+    assert (
+        "Head: [USER=7]Hugo Martin[/USER] · Department: Field · Portal: acme" in told["chat chat42"]
+    )
+    assert "head:" not in told["chat chat42"] and "department:" not in told["chat chat42"]
+    assert list(
+        _targets(Settings(), Company(), {**a, "labels": {**a["labels"], "department_id": "15"}})
+    ) == [
+        "chat chat42",
+        "user 7",
+    ]
+
+
+def test_pseudonyms_are_never_taken_for_user_ids() -> None:
+    """A portal in a privacy mode exports pseudonyms where user ids were: its alerts
+    notify no one by them and mention no one; the pseudonym is shown as it is. The head
+    of a department (known from the structure, not from a label) is still told."""
+    a = alert(labels={"user_id": "1234567890123456", "department_id": "15"})
+    told = _targets(Settings(), Company(), a, privacy=True)
+    assert set(told) == {"chat chat42", "user 7"}
+    assert "User: 1234567890123456" in told["chat chat42"]
+    assert "[USER=" not in told["chat chat42"]

@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from exporter.alerts.route import MAX_BODY
-from exporter.fakeportal import FakePortal
+from exporter.fakeportal import FakeDepartment, FakePortal
 from exporter.server import build_app
 from tests.alertlib import TOKEN, alert, body, receiver
 from tests.conftest import (
@@ -57,10 +57,14 @@ async def start(
     ) -> None:
         leak_watch.body(f"response body of {params.method} {params.url.path}", params.chunk)
 
-    async def begin(*receivers: dict[str, Any], **kwargs: Any) -> TestClient[Any, Any]:
+    async def begin(
+        *receivers: dict[str, Any], teams: bool = False, **kwargs: Any
+    ) -> TestClient[Any, Any]:
         trace = aiohttp.TraceConfig()
         trace.on_response_chunk_received.append(read)
-        config = config_of(portal_config(url, alert_receivers=list(receivers)))
+        raw = portal_config(url, alert_receivers=list(receivers))
+        raw["portals"][0]["teams"] = {"enabled": teams}
+        config = config_of(raw)
         app = build_app(config, **kwargs)
         client: TestClient[Any, Any] = await aiohttp_client(app, trace_configs=[trace])
 
@@ -310,3 +314,25 @@ async def test_no_secret_in_messages(start: Start, portal: FakePortal) -> None:
     assert (await post(client, raw))[0] == 200
     sent = [m.message for m in portal.messages] + [n.message for n in portal.notifications]
     assert sent and not any(TOKEN in text for text in sent)
+
+
+async def test_the_head_comes_from_the_department_tree_polling_learned(
+    start: Start, portal: FakePortal
+) -> None:
+    """With teams, notify_head tells the head of the alert's department, or where it has
+    none, the nearest head above it: R&D (15) has no head, its parent Acme (1) is headed by
+    user 2, who is told "in R&D"."""
+    portal.add_department(FakeDepartment(1, "Acme", head=2))
+    portal.add_department(FakeDepartment(15, "R&D", parent=1))
+    spec = receiver(chat=None, notify_user=False, notify_head=True)
+    client = await start(spec, teams=True)
+
+    async def tree_known() -> bool:
+        return 'department_id="15"' in await metrics_text(client)
+
+    await wait_for(tree_known)
+    raw = body(alert(labels={"department_id": "15"}, annotations={"summary": "R&D is late"}))
+    status, text, _ = await post(client, raw)
+    assert (status, text) == (200, "alert receiver ops: delivered to user 2\n")
+    [notice] = portal.notifications
+    assert notice.message == "[b]FIRING[/b] in R&D Bitrix24UserTasksOverdue: R&D is late"

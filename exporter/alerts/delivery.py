@@ -165,12 +165,19 @@ class Receiver:
     def names(self, notification: Notification) -> Names:
         """The names the messages of this notification mention, as the portal knows them."""
         portal = self.settings.portal
+        departments: dict[int, str] = {}
+        for alert in notification.alerts:
+            department = positive_id(alert.labels.get("department_id"))
+            if department is None or department in departments:
+                continue
+            # The alert's own `department` label (the teams rules set it) when the
+            # structure is not known here.
+            name = self.departments.name_of(portal, department) or alert.labels.get("department")
+            if name:
+                departments[department] = name
+        if not self.portals.user_ids_exported(portal):
+            return Names(departments=departments, user_ids=False)
         known = self.portals.user_names(portal)
-        departments = {
-            d: name
-            for d in _department_ids(notification.alerts)
-            if (name := self.departments.name_of(portal, d))
-        }
         users = {u: known[u] for u in mentioned_users(notification.alerts) if u in known}
         return Names(users=users, departments=departments)
 
@@ -219,8 +226,9 @@ class Receiver:
         """(person, status) -> their alerts, each with the department it reached them by
         (None: the alert names them)."""
         found: dict[tuple[int, Status], dict[tuple[str, str, str], tuple[Alert, int | None]]] = {}
+        real_ids = self.portals.user_ids_exported(self.settings.portal)
         for alert in notification.alerts:
-            if self.settings.notify_user:
+            if self.settings.notify_user and real_ids:
                 user_id = positive_id(alert.labels.get("user_id"))
                 if user_id is not None:
                     found.setdefault((user_id, alert.status), {})[alert.identity] = (alert, None)
@@ -302,8 +310,3 @@ async def _send(client: BitrixClient, target: Target) -> None:
 def _shown(result: object) -> str:
     text = repr(result)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _department_ids(alerts: Sequence[Alert]) -> set[int]:
-    found = (positive_id(a.labels.get("department_id")) for a in alerts)
-    return {d for d in found if d is not None}

@@ -31,7 +31,10 @@ DESCRIPTION_CHARS = 1_000
 VALUE_CHARS = 200
 
 # Labels shown in their own words (or not at all) rather than in the list of other labels.
-_OWN_LINE = frozenset({"alertname", "severity", "portal", "user_id", "department_id"})
+_OWN_LINE = frozenset(
+    {"alertname", "severity", "portal", "user_id", "department_id", "department"}
+    | {"head", "head_user_id"}
+)
 _NOISE = frozenset({"job", "prometheus", "replica", "__name__"})
 _COLOURS: Mapping[Status, str] = {"firing": "#d32f2f", "resolved": "#388e3c"}
 _TAG_START = re.compile(r"\[(?=/?[A-Za-z*])")
@@ -40,10 +43,15 @@ _ZWSP = "\u200b"
 
 @dataclass(frozen=True)
 class Names:
-    """What the portal calls its users and departments, for mentions; empty when unknown."""
+    """What the portal calls its users and departments, for mentions; empty when unknown.
+
+    `user_ids` is False when the alerts' user labels are not Bitrix24 user ids (a portal
+    in a privacy mode): they are then shown as they are and never turned into mentions.
+    """
 
     users: Mapping[int, str] = field(default_factory=dict)
     departments: Mapping[int, str] = field(default_factory=dict)
+    user_ids: bool = True
 
 
 def escape(text: str) -> str:
@@ -205,9 +213,9 @@ def _alert_block(alert: Alert, names: Names, *, marked: bool) -> str:
 def _facts(labels: Mapping[str, str], names: Names) -> list[str]:
     """The labels that matter, in words: user, department, portal, then the others."""
     facts: list[str] = []
-    user_id = positive_id(labels.get("user_id"))
-    if user_id is not None:
-        facts.append(f"User: {user_ref(user_id, names)}")
+    for key, title in (("user_id", "User"), ("head_user_id", "Head")):
+        if labels.get(key):
+            facts.append(f"{title}: {_person(labels, key, names)}")
     department_id = positive_id(labels.get("department_id"))
     if department_id is not None:
         name = names.departments.get(department_id)
@@ -220,6 +228,16 @@ def _facts(labels: Mapping[str, str], names: Names) -> list[str]:
             continue
         facts.append(f"{escape(cut(key, 60))}: {escape(cut(labels[key], VALUE_CHARS))}")
     return facts
+
+
+def _person(labels: Mapping[str, str], key: str, names: Names) -> str:
+    """A user label as a mention where it is a known user id, else as given."""
+    user_id = positive_id(labels[key]) if names.user_ids else None
+    if user_id is not None:
+        return user_ref(user_id, names)
+    # A pseudonym, or the rule's `head` label (a name) next to an empty head_user_id.
+    shown = labels.get("head") if key == "head_user_id" else None
+    return escape(cut(shown or labels[key], VALUE_CHARS))
 
 
 def personal_message(
@@ -253,6 +271,6 @@ def personal_message(
 
 
 def mentioned_users(alerts: Iterable[Alert]) -> set[int]:
-    """The user ids the alerts' `user_id` labels name."""
-    found = (positive_id(a.labels.get("user_id")) for a in alerts)
+    """The user ids the alerts' `user_id` and `head_user_id` labels name."""
+    found = (positive_id(a.labels.get(k)) for a in alerts for k in ("user_id", "head_user_id"))
     return {user_id for user_id in found if user_id is not None}

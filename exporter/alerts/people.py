@@ -5,10 +5,15 @@ credential (so sends share the poller's rate limit, operating budget, retries an
 counters) and the names of the users polling learned (for `[USER=ID]` mentions). `Portals`
 is that narrow view; `SupervisorPortals` reads it from the running pollers.
 
-Department heads and names come from the teams feature. Until it is there, `Departments`
-is answered by `NoDepartments` (no head, no name): `notify_head` then notifies nobody, and
-a department shows as "department N". The teams feature provides an object with the same
-two methods and hands it to `build_receivers`.
+A portal in a privacy mode other than `none` exports pseudonyms (or nothing) where user ids
+were, so its alerts' `user_id` labels are not Bitrix24 user ids: `user_ids_exported` says
+so, and the receiver then neither notifies nor mentions anyone by such a label (turning a
+pseudonym back into a person would undo what the mode is for).
+
+Department heads and names come from the company structure polling learned (teams:
+`department.get`). `SupervisorDepartments` reads it; where a department has no head, the
+nearest department above it that has one answers. Without teams it knows nothing:
+`notify_head` then notifies nobody and a department shows by its `department` label or id.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Protocol
 from exporter.bitrix import BitrixClient
 from exporter.poller import PortalPoller
 from exporter.supervisor import Supervisor
+from exporter.teams import OrgChart
 
 
 class Portals(Protocol):
@@ -30,6 +36,10 @@ class Portals(Protocol):
 
     def user_names(self, portal: str) -> Mapping[int, str]:
         """User id -> full name, as far as polling has learned them."""
+        ...
+
+    def user_ids_exported(self, portal: str) -> bool:
+        """Whether the portal's series carry real user ids (privacy mode none)."""
         ...
 
 
@@ -76,3 +86,31 @@ class SupervisorPortals:
     def user_names(self, portal: str) -> Mapping[int, str]:
         poller = self._poller(portal)
         return {} if poller is None else poller.directory.names
+
+    def user_ids_exported(self, portal: str) -> bool:
+        poller = self._poller(portal)
+        return poller is not None and poller.portal.privacy.mode == "none"
+
+
+class SupervisorDepartments:
+    """`Departments` from the department tree the running pollers learned (teams)."""
+
+    def __init__(self, supervisor: Callable[[], Supervisor | None]) -> None:
+        self._supervisor = supervisor
+
+    def _chart(self, portal: str) -> OrgChart | None:
+        supervisor = self._supervisor()
+        poller = None if supervisor is None else supervisor.pollers.get(portal)
+        return None if poller is None else poller.directory.chart
+
+    def head_of(self, portal: str, department_id: int) -> int | None:
+        chart = self._chart(portal)
+        if chart is None or department_id not in chart.departments:
+            return None
+        heads = (chart.departments[d].head for d in chart.ancestry(department_id))
+        return next((head for head in heads if head is not None), None)
+
+    def name_of(self, portal: str, department_id: int) -> str | None:
+        chart = self._chart(portal)
+        record = None if chart is None else chart.departments.get(department_id)
+        return record.name if record is not None and record.name else None

@@ -13,7 +13,12 @@ from aiohttp import web
 
 from exporter import metrics
 from exporter.alerts.delivery import AlertStats, Receiver, ReceiverSettings
-from exporter.alerts.people import Departments, Portals, SupervisorPortals
+from exporter.alerts.people import (
+    Departments,
+    Portals,
+    SupervisorDepartments,
+    SupervisorPortals,
+)
 from exporter.alerts.route import AlertRoutes, install
 from exporter.render import Publisher
 from exporter.supervisor import Supervisor
@@ -58,6 +63,7 @@ def add_alert_routes(
     """The receivers' route (only when there is a receiver) and their counters on /metrics."""
     stats = AlertStats()
     portals = SupervisorPortals(supervisor)
+    departments = departments or SupervisorDepartments(supervisor)
     routes = AlertRoutes(
         build_receivers(settings, portals, stats, departments=departments),
         stats,
