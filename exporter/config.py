@@ -183,6 +183,7 @@ class Portal:
     auth: WebhookAuth | OAuthAuth
     rate_limit: RateLimit = STANDARD
     operating_limit: float = 480.0
+    operating_window: float = 600.0  # what Bitrix24 sums operating_limit over
     tasks: TasksSettings = TasksSettings()
     im: ImSettings = ImSettings()
 
@@ -794,6 +795,7 @@ class _Parser:
             {
                 "rate_limit": self.rate_limit,
                 "operating_limit": self.positive_duration,
+                "operating_window": self.positive_duration,
                 "tasks": self.tasks,
                 "im": self.im,
             },
@@ -1058,6 +1060,7 @@ _PORTAL_KEYS: Final = (
     "oauth",
     "rate_limit",
     "operating_limit",
+    "operating_window",
     "tasks",
     "im",
 )

@@ -142,14 +142,19 @@ class PortalPoller:
             self.throttle = PortalThrottle(
                 portal.rate_limit.requests_per_second, portal.rate_limit.burst, self.stats
             )
-        same_budget = previous and previous.portal.operating_limit == portal.operating_limit
+        same_budget = previous and (
+            (previous.portal.operating_limit, previous.portal.operating_window)
+            == (portal.operating_limit, portal.operating_window)
+        )
         old_budgets = previous.budgets if previous and same_budget else {}
         old_credentials = previous.credentials if previous else {}
         self.budgets: dict[WebhookAuth | OAuthAuth, OperatingBudget] = {}
         self.credentials: dict[WebhookAuth | OAuthAuth, Credential] = {}
 
         def client(auth: WebhookAuth | OAuthAuth) -> BitrixClient:
-            budget = old_budgets.get(auth) or OperatingBudget(portal.operating_limit)
+            budget = old_budgets.get(auth) or OperatingBudget(
+                portal.operating_limit, window=portal.operating_window
+            )
             credential = old_credentials.get(auth) or credential_for(auth, portal.name)
             self.budgets[auth] = budget
             self.credentials[auth] = credential
@@ -180,7 +185,6 @@ class PortalPoller:
         self.first_cycle_done = asyncio.Event()
         self._said: dict[str, str] = {}
         self._load_checked = False
-        self._budget_checked = False
         self._planned: tuple[tuple[tuple[int, ...], int | None], _Plan] | None = None
         if previous is not None and previous.portal.auth == portal.auth:
             self._carry(previous)
@@ -274,6 +278,14 @@ class PortalPoller:
         users = await self._task_users()
         plan = self._plan(users)
         self._check_load(len(plan.commands))
+        if calls := sum(1 for c in plan.commands if c.method == TASKS_METHOD):
+            # Said once, as soon as the first answers tell what a call costs.
+            self.main.budget.expect(
+                TASKS_METHOD,
+                calls=calls,
+                every=self.config.poll_interval,
+                warn=lambda text: log.warning("portal %s: %s", self.portal.name, text),
+            )
         outcome = await self.main.batch(plan.commands) if plan.commands else {}
         now = self._clock()
         reached = not plan.commands
@@ -304,7 +316,6 @@ class PortalPoller:
         for key, ok in fresh.items():
             if ok:
                 self.user_success[key] = now
-        self._check_budget(len(plan.commands))
         if auth_error is not None:
             self.profile = None  # learn it again once the credential works
             return False, auth_error, fresh
@@ -565,26 +576,4 @@ class PortalPoller:
                 seconds,
                 rate,
                 self.config.poll_interval,
-            )
-
-    def _check_budget(self, commands: int) -> None:
-        """Say once if one cycle's calls cost more than the operating limit allows."""
-        if self._budget_checked or not commands:
-            return
-        cost = self.main.budget.cost_of(TASKS_METHOD)
-        if cost is None:
-            return
-        self._budget_checked = True
-        per_window = cost * commands * (600.0 / self.config.poll_interval)
-        if per_window > self.portal.operating_limit:
-            log.warning(
-                "portal %s: %s costs about %.3fs per call; %d calls every %.0fs need %.0fs of the"
-                " %.0fs operating budget per 10 minutes: cycles will be stretched to fit",
-                self.portal.name,
-                TASKS_METHOD,
-                cost,
-                commands,
-                self.config.poll_interval,
-                per_window,
-                self.portal.operating_limit,
             )
