@@ -68,12 +68,14 @@ class Reservation:
     method: str
     calls: int
     alone: bool  # nothing else of this method was in flight when it was planned
+    planned_at: float  # unix time
 
 
 @dataclass
 class _Method:
     total: float | None = None  # the portal's running total after its latest call
     latest: float = -math.inf  # when that call started, by the portal's clock
+    seen_at: float = -math.inf  # unix time the newest answer came back
     uncounted: bool = False  # answers come without `operating`: the portal has no limiter
     reset_at: float = 0.0  # when the oldest bucket leaves, by our clock (0: unknown)
     cost: float | None = None  # seconds charged per call, learned from growth
@@ -161,7 +163,9 @@ class OperatingBudget:
     def reserve(self, method: str, calls: int) -> Reservation:
         """Count `calls` of `method` as in flight until `release`."""
         state = self._method(method)
-        reservation = Reservation(method, calls, alone=not state.in_flight)
+        reservation = Reservation(
+            method, calls, alone=not state.in_flight, planned_at=self._clock()
+        )
         state.in_flight.append(reservation)
         return reservation
 
@@ -189,28 +193,14 @@ class OperatingBudget:
         if not counted:
             state.uncounted = True
         totals = [r.operating for r in counted if r.operating is not None]
-        samples: list[float] = []
-        if len(totals) >= 2 and totals[-1] >= totals[0]:
-            # Calls of one batch run one after another: the growth between them is theirs,
-            # and anyone else's that ran meanwhile (which then counts as theirs).
-            samples.append((totals[-1] - totals[0]) / (len(totals) - 1))
-        if (
-            totals
-            and reservation is not None
-            and reservation.alone
-            and state.total is not None
-            and not (state.reset_at and now >= state.reset_at)  # no bucket left meanwhile
-            and totals[-1] >= state.total
-            and (not samples or samples[0] == 0)
-        ):
-            # Per request: a lone call, or a portal that does not count per command.
-            samples.append((totals[-1] - state.total) / len(totals))
-        for sample in samples:
+        for sample in self._samples(state, totals, reservation, now):
             self._learn(state, sample)
         durations = [r.duration for r in readings if r.duration is not None and r.duration >= 0]
         if durations and state.cost is None:
             state.hint = max(durations)
         last = counted[-1] if counted else None
+        if totals:
+            state.seen_at = now
         if last is not None and (last.start is None or last.start >= state.latest):
             # Answers of concurrent requests come back in any order; the call that started
             # last saw the most.
@@ -219,6 +209,35 @@ class OperatingBudget:
             if last.reset_at is not None:
                 state.reset_at = self._local_reset(last, now)
         self._maybe_warn(method, state)
+
+    def _samples(
+        self,
+        state: _Method,
+        totals: list[float],
+        reservation: Reservation | None,
+        now: float,
+    ) -> list[float]:
+        """Per-call costs that one answer's totals show."""
+        if not totals:
+            return []
+        if len(totals) >= 2 and totals[-1] > totals[0]:
+            # Calls of one batch run one after another: the growth between them is theirs,
+            # and anyone else's that ran meanwhile (which then counts as theirs).
+            return [(totals[-1] - totals[0]) / (len(totals) - 1)]
+        if len(totals) >= 2 and totals[-1] == state.total == totals[0]:
+            return [0.0]  # nothing grows at all: calls of this method cost nothing
+        if (
+            reservation is not None
+            and reservation.alone
+            and state.total is not None
+            # Sent right after the answer before it, with no bucket leaving in between: the
+            # growth is this request's calls and what others spent in that moment.
+            and reservation.planned_at - state.seen_at <= _RECHECK
+            and not (state.reset_at and now >= state.reset_at)
+            and totals[-1] >= state.total
+        ):
+            return [(totals[-1] - state.total) / len(totals)]
+        return []
 
     def _local_reset(self, reading: Reading, now: float) -> float:
         """`operating_reset_at` on our clock, within the window, never already past."""

@@ -54,18 +54,17 @@ class PortalThrottle:
     async def acquire(self) -> int:
         """Wait until a request may leave; returns the ticket to hand to `answered`."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = now = loop.time()
         while True:
-            now = loop.time()
             if (pause := self._paused_until - now) > 0:
                 await asyncio.sleep(pause)
-                continue
-            wait = self._room_in(now)
-            if wait <= 0:
+            elif (wait := self._room_in(now)) > 0:
+                self._answered.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._answered.wait(), min(wait, _MAX_NAP))
+            else:
                 break
-            self._answered.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._answered.wait(), min(wait, _MAX_NAP))
+            now = loop.time()
         self._tickets += 1
         self._unanswered[self._tickets] = now
         self._stats.rate_limit_wait += now - started
