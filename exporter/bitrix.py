@@ -257,6 +257,7 @@ class BitrixClient:
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         self._concurrency = asyncio.Semaphore(concurrency)
+        self._in_flight = concurrency
         self._random = random.Random()
 
     # -- public API -------------------------------------------------------------
@@ -284,7 +285,11 @@ class BitrixClient:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while pending or tasks:
-                chunk, wait = self._next_chunk(pending)
+                # A chunk is planned (and its calls counted against the budget) only when it
+                # can leave: planned far ahead, it would rely on a total that others' spending
+                # may have outgrown by the time it is sent.
+                room = len(tasks) < self._in_flight
+                chunk, wait = self._next_chunk(pending) if room else ([], 0.0)
                 if chunk:
                     reservations = self._reserve(chunk)
                     tasks.add(asyncio.create_task(self._run_chunk(chunk, reservations, outcome)))

@@ -17,7 +17,9 @@ and `operating_reset_at`, when the oldest bucket leaves.
   fit under the limit less `HEADROOM`. Near the limit that means one request at a time, each
   answer telling the new total; when not even a small one fits, none until the oldest bucket
   leaves. After that the total is lower by an amount only the next answer tells, so one
-  request goes alone, sized so that it stays under the limit even if nothing had left.
+  request goes alone, sized so that it stays under the limit even if nothing had left. A
+  total read more than a few seconds ago is read again the same way, by one request alone,
+  since others may have spent meanwhile.
 
 `load_warning` says whether the configured load fits the budget at all.
 """
@@ -37,6 +39,10 @@ MAX_BATCH = 50
 _RECHECK = 0.5
 # `operating_reset_at` is a whole second; the bucket may leave up to a second after it.
 _RESET_MARGIN = 1.0
+# An answer older than this share of the window (5 s of 10 minutes) no longer tells the
+# total, as others may have spent since: one request alone reads it again before several
+# rely on it.
+_FRESH = 1 / 120
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,8 @@ class OperatingBudget:
             if state.in_flight:
                 return 0, _RECHECK
             return self._first(state, wanted), 0.0
+        if state.in_flight and now - state.seen_at > self.window * _FRESH:
+            return 0, _RECHECK  # the request in flight reads the total again
         cost = state.cost
         total = state.total or 0.0
         planned = sum(r.calls for r in state.in_flight) * cost
