@@ -462,6 +462,7 @@ class BitrixClient:
                 if error.error == "QUERY_LIMIT_EXCEEDED":
                     # Someone else drains the same bucket: give it time to leak.
                     self.throttle.pause(max(delay, 1.0 / self.throttle.requests_per_second))
+                    self.stats.rate_limit_wait += delay
                 log.debug("%s; retry %d in %.2fs", error, attempt + 1, delay)
                 attempt += 1
                 await asyncio.sleep(delay)

@@ -80,9 +80,17 @@ class PortalThrottle:
         self._answered.set()
 
     def pause(self, seconds: float) -> None:
-        """Hold every request of the portal back (after QUERY_LIMIT_EXCEEDED)."""
+        """After QUERY_LIMIT_EXCEEDED: hold every request of the portal back for `seconds`.
+
+        The portal's bucket was full when it refused, whoever else filled it (another client
+        from the same address): from now on it counts as full and drains from there.
+        """
         now = asyncio.get_running_loop().time()
         self._paused_until = max(self._paused_until, now + seconds)
+        self._settle(now)
+        drained = max(0.0, self._level - (now - self._at) * self.requests_per_second)
+        self._level = max(drained, self.burst - len(self._unanswered))
+        self._at = now
 
     def level(self, now: float) -> float:
         """The highest level the portal's bucket may have at `now` (loop time)."""
