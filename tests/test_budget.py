@@ -427,3 +427,16 @@ async def test_fake_other_client_spends_the_same_budget(aiohttp_client: Any) -> 
 
     await wait_for(refused)
     assert portal.peak_operating(TASKS_METHOD) <= 8.0 + 100.0 * WINDOW / 100
+
+
+async def test_query_limit_exceeded_marks_the_bucket_full() -> None:
+    """After a 503 someone else filled the bucket: it counts as full and drains from there."""
+    stats = ClientStats()
+    throttle = PortalThrottle(2.0, 50, stats)
+    throttle.answered(await throttle.acquire())
+    loop = asyncio.get_running_loop()
+    assert throttle.level(loop.time()) <= 1
+    throttle.pause(0.0)
+    now = loop.time()
+    assert throttle.level(now) == pytest.approx(50, abs=0.01)
+    assert throttle.level(now + 5) == pytest.approx(40, abs=0.01)
