@@ -468,14 +468,18 @@ class BitrixClient:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        # The target first: getting it may refresh a token, which must not happen between
+        # the bucket letting the request go and the request leaving.
+        url, extra = await self.credential.target(self._session, method)
         ticket = await self.throttle.acquire()
         try:
-            return await self._post(method, params, ticket)
+            return await self._post(method, {**params, **extra}, url, ticket)
         finally:
             self.throttle.answered(ticket)
 
-    async def _post(self, method: str, params: dict[str, Any], ticket: int) -> dict[str, Any]:
-        url, extra = await self.credential.target(self._session, method)
+    async def _post(
+        self, method: str, body: dict[str, Any], url: str, ticket: int
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         status: int | None = None
@@ -483,7 +487,7 @@ class BitrixClient:
         try:
             async with self._session.post(
                 url,
-                json={**params, **extra},
+                json=body,
                 headers={"Accept": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=True,
