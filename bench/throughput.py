@@ -1,6 +1,6 @@
 """Throughput against the portal's rate limit.
 
-    .venv/bin/python bench/throughput.py [--quick] [--users N]
+    .venv/bin/python bench/throughput.py [--quick] [--users N] [--part cycles|start|all]
 
 A fake portal with the standard limit (2 requests/s, bucket 50), then one with the
 enterprise limit (5/s, 250), each with 2,000 users (`--quick`: 500) watched in all 5 roles by
