@@ -11,8 +11,8 @@ and `operating_reset_at`, when the oldest bucket leaves.
 - the cost of a call is the growth of the running total between answers: between the
   commands of one batch, or between two requests when nothing else of ours ran in between.
   Growth we did not cause (another integration on the same webhook, a portal under load)
-  is in the total and in that growth, so it counts as spent. `duration` only sizes the very
-  first request of a method whose cost is not known yet;
+  is in the total and in that growth, so it counts as spent. Until then, a call costs at most
+  the total right after it; `duration` (what the portal says the call took) is no measure;
 - a request leaves only if what is in flight and what it may charge, at the learned cost,
   fit under the limit less `HEADROOM`. Near the limit that means one request at a time, each
   answer telling the new total; when not even a small one fits, none until the oldest bucket
@@ -51,7 +51,6 @@ class Reading:
 
     operating: float | None
     reset_at: float | None  # unix time, by the portal's clock
-    duration: float | None
     start: float | None  # unix time the call started, by the portal's clock
 
     @classmethod
@@ -62,7 +61,6 @@ class Reading:
         return cls(
             operating=finite(block.get("operating")),
             reset_at=finite(block.get("operating_reset_at")),
-            duration=finite(block.get("duration")),
             start=finite(block.get("start")),
         )
 
@@ -85,7 +83,9 @@ class _Method:
     uncounted: bool = False  # answers come without `operating`: the portal has no limiter
     reset_at: float = 0.0  # when the oldest bucket leaves, by our clock (0: unknown)
     cost: float | None = None  # seconds charged per call, learned from growth
-    hint: float | None = None  # `duration` of a call, until the cost is learned
+    # No call costs more than the total right after it: the least total seen bounds the
+    # cost of a call until its growth is learned.
+    bound: float | None = None
     in_flight: list[Reservation] = field(default_factory=list)
     paused_until: float = 0.0  # unix time
     expected: tuple[int, float, Callable[[str], None]] | None = None  # calls, every, warn
@@ -134,14 +134,12 @@ class OperatingBudget:
         wanted = min(wanted, MAX_BATCH)
         if state.uncounted and state.total is None:
             return wanted, 0.0  # no limiter on this portal (self-hosted)
-        if state.cost is None:
-            # Learn the cost from one request before sending more.
-            if state.in_flight:
-                return 0, _RECHECK
-            return self._first(state, wanted), 0.0
+        cost = state.cost if state.cost is not None else state.bound
+        if cost is None:
+            # Nothing known yet: learn the cost from one request before sending more.
+            return (0, _RECHECK) if state.in_flight else (wanted, 0.0)
         if state.in_flight and now - state.seen_at > self.window * _FRESH:
             return 0, _RECHECK  # the request in flight reads the total again
-        cost = state.cost
         total = state.total or 0.0
         planned = sum(r.calls for r in state.in_flight) * cost
         room = self.limit * (1 - self.HEADROOM) - total - planned
@@ -151,6 +149,8 @@ class OperatingBudget:
             return 0, _RECHECK  # one request at a time: the next answer tells the total
         if room >= cost:
             return math.floor(room / cost), 0.0
+        if state.cost is None and room > 0:
+            return 1, 0.0  # the bound is loose; one call alone tells what a call costs
         if state.reset_at and now >= state.reset_at:
             # The oldest bucket left since the latest answer, taking an amount only the next
             # answer tells: one request, under the limit even if that amount was nothing.
@@ -159,14 +159,6 @@ class OperatingBudget:
         # Full until the oldest bucket leaves; never wait longer than the window.
         until = state.reset_at if state.reset_at else now + self.window / 10
         return 0, min(until - now, self.window) + _RESET_MARGIN
-
-    def _first(self, state: _Method, wanted: int) -> int:
-        """The size of the request that teaches a method's cost."""
-        if state.total is None or not state.hint:
-            return wanted
-        # An earlier answer told the total, and its duration hints at the cost.
-        under = self.limit * (1 - self.HEADROOM) - state.total
-        return max(1, min(wanted, math.floor(under / state.hint)))
 
     def reserve(self, method: str, calls: int) -> Reservation:
         """Count `calls` of `method` as in flight until `release`."""
@@ -203,9 +195,8 @@ class OperatingBudget:
         totals = [r.operating for r in counted if r.operating is not None]
         for sample in self._samples(state, totals, reservation, now):
             self._learn(state, sample)
-        durations = [r.duration for r in readings if r.duration is not None and r.duration >= 0]
-        if durations and state.cost is None:
-            state.hint = max(durations)
+        if totals and min(totals) >= 0:
+            state.bound = min(totals) if state.bound is None else min(state.bound, *totals)
         last = counted[-1] if counted else None
         if totals:
             state.seen_at = now

@@ -122,6 +122,24 @@ def test_cost_is_the_growth_of_operating_not_the_duration() -> None:
     assert budget.operating(TASKS_METHOD) == pytest.approx(5.0)
 
 
+def test_a_call_costs_at_most_the_total_after_it() -> None:
+    """Before any growth is seen, the total after a lone call bounds what a call costs."""
+    clock = Clock()
+    budget = OperatingBudget(480.0, clock=clock)
+    budget.record("user.get", blocks(0.0, 1, 0.05, reset_in=600, at=clock.now))
+    assert budget.cost_of("user.get") is None
+    # 0.05 s a call at most: four requests of 50 fit, in flight together.
+    flying = [budget.reserve("user.get", 50) for _ in range(3)]
+    assert budget.calls_that_fit("user.get", 50) == (50, 0.0)
+    for reservation in flying:
+        budget.release(reservation)
+    # Another integration's spending makes the bound useless: one call alone finds out.
+    budget.record(TASKS_METHOD, blocks(400.0, 1, 0.05, reset_in=600, at=clock.now))
+    assert budget.calls_that_fit(TASKS_METHOD, 50) == (1, 0.0)
+    budget.reserve(TASKS_METHOD, 1)
+    assert budget.calls_that_fit(TASKS_METHOD, 50)[0] == 0
+
+
 def test_near_the_limit_one_request_at_a_time_then_none_until_the_reset() -> None:
     """Room for in-flight and next, then one at a time, a partial batch, the reset, a probe."""
     clock = Clock()
