@@ -17,7 +17,7 @@ import pytest
 from exporter.bitrix import BitrixClient, ClientStats, Command, WebhookCredential, new_session
 from exporter.budget import OperatingBudget, load_warning
 from exporter.fakeportal import FakePortal
-from exporter.poller import TASKS_METHOD
+from exporter.sources.tasks import METHOD as TASKS_METHOD
 from exporter.throttle import PortalThrottle
 from tests.conftest import (
     SECRET,
