@@ -150,13 +150,6 @@ def show(value: object) -> str:
     return repr(str(value))
 
 
-def kind(value: object) -> str:
-    """What sort of value `value` is, for secrets whose content must not be echoed."""
-    if isinstance(value, str) and not value.strip():
-        return "an empty string"
-    return type_word(value, _YAML_WORDS)
-
-
 _YAML_WORDS: Final[TypeWords] = (
     (bool, "a boolean"),
     (int, "an integer"),
@@ -166,6 +159,13 @@ _YAML_WORDS: Final[TypeWords] = (
     (dict, "a mapping"),
     (type(None), "null"),
 )
+
+
+def kind(value: object) -> str:
+    """What sort of value `value` is, for secrets whose content must not be echoed."""
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
+    return type_word(value, _YAML_WORDS)
 
 
 # --------------------------------------------------------------------------- problems
