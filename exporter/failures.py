@@ -28,6 +28,7 @@ class Code(StrEnum):
     PAYLOAD = "PayloadError"  # a result whose shape the exporter cannot read
     NO_ACCESS = "NoAccess"  # `result: []`: not permitted, unknown user or role
     INTERNAL = "internal"  # a bug in the exporter; logged with its traceback
+    NOT_SENT = "not_sent"  # a send answered without an id (im.notify.*: `false`)
 
 
 class FetchError(Exception):

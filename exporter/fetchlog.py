@@ -8,17 +8,26 @@ request once for the portal (not once per command it carried).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from exporter.failures import BitrixError, FetchError
 from exporter.oncelog import OnceLog
 from exporter.sources import Planned
 
 
 class FetchLog:
-    """Log lines about one portal's fetches, through its once-log."""
+    """Log lines about one portal's fetches, through its once-log.
 
-    def __init__(self, portal: str, once: OnceLog) -> None:
+    `who` names a user in a line (`exporter.privacy.Privacy.who`); where it names nobody,
+    a failure is said once per method, query and error for all users alike.
+    """
+
+    def __init__(
+        self, portal: str, once: OnceLog, who: Callable[[int], str | None] | None = None
+    ) -> None:
         self.portal = portal
         self.once = once
+        self.who = who or (lambda user_id: f"user {user_id}")
 
     def failed(self, planned: Planned, failure: FetchError) -> None:
         command = planned.command
@@ -34,16 +43,20 @@ class FetchLog:
                 signature=failure.error,
             )
             return
+        what = planned.source.describe(command)
+        who = self.who(planned.user_id)
+        key = command.key if who else f"{command.method}-{what}-{failure.error}"
         self.once.say(
-            command.key,
-            f"portal {self.portal}: {command.method} for user {planned.user_id}"
-            f" ({planned.source.describe(command)}): {failure.error}: {failure.description}",
+            key,
+            f"portal {self.portal}: {command.method} for {who or 'one or more users'}"
+            f" ({what}): {failure.error}: {failure.description}",
         )
 
     def succeeded(self, planned: Planned) -> None:
         key, method = planned.command.key, planned.command.method
-        user = planned.user_id
-        self.once.resolve(key, f"portal {self.portal}: {method} for user {user} works again")
+        who = self.who(planned.user_id)
+        if who:
+            self.once.resolve(key, f"portal {self.portal}: {method} for {who} works again")
         self.once.resolve(f"operating-{method}", f"portal {self.portal}: {method} runs again")
 
     def requests(self, lost: list[BitrixError], commands: int) -> None:

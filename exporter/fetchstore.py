@@ -132,6 +132,11 @@ class FetchStore:
         # The (user, source) pairs of the last cycle: when a cycle gets no answer at all,
         # they are the ones that failed.
         self.watched: set[Owner] = set()
+        # Why each (user, source) failed in the cycle running now (a FetchError's code).
+        self.reasons: dict[Owner, str] = {}
+
+    def failed_because(self, owner: Owner, code: str) -> None:
+        self.reasons[owner] = code
 
     def succeed(self, key: str, samples: Iterable[Sample], now: float) -> None:
         slot = self._slot(key)
@@ -195,9 +200,15 @@ class FetchStore:
             self._compact()
         return self._series
 
-    def statuses(self, fresh: Mapping[Owner, bool], up: bool) -> Statuses:
-        """One status per (user, source) of the cycle; none succeeds on a portal that is down."""
-        return Statuses(fresh, self.last_success, up)
+    def statuses(
+        self, fresh: Mapping[Owner, bool], up: bool, cycle_error: str | None = None
+    ) -> Statuses:
+        """One status per (user, source) of the cycle; none succeeds on a portal that is down.
+
+        A failed one carries its reason: its own failure's code, else the cycle's. The
+        reasons are the cycle's: they are forgotten here."""
+        reasons, self.reasons = self.reasons, {}
+        return Statuses(fresh, self.last_success, up, reasons, cycle_error)
 
     def last_fetch(self, key: str) -> float | None:
         """When the fetch of `key` last succeeded (None: never, or an unknown key)."""

@@ -36,10 +36,21 @@ class Profile:
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
-    """One user from `user.get`."""
+    """One user from `user.get`, with the departments the user is directly in."""
 
     user_id: int
     name: str
+    departments: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DepartmentRecord:
+    """One department from `department.get`; `parent` and `head` are None where unset."""
+
+    department_id: int
+    name: str
+    parent: int | None
+    head: int | None
 
 
 def to_number(value: object) -> float | None:
@@ -171,18 +182,71 @@ def parse_profile(result: object) -> Profile:
 
 def parse_users(result: object) -> list[UserRecord]:
     """Users of one `user.get` page; records without a usable ID are skipped."""
+    users: list[UserRecord] = []
+    for record in _page_rows("user.get", result):
+        user_id = to_user_id(record.get("ID"))
+        if user_id is not None:
+            departments = parse_user_departments(record.get("UF_DEPARTMENT"))
+            users.append(UserRecord(user_id, _full_name(record), departments))
+    return users
+
+
+def parse_user_departments(value: object) -> tuple[int, ...]:
+    """The department ids of a user's `UF_DEPARTMENT`: ints in the docs, numeric strings
+    accepted, duplicates and unusable entries dropped, missing or empty for extranet users.
+
+    >>> parse_user_departments([1, "15", " 15", "x", 0])
+    (1, 15)
+    >>> parse_user_departments(None), parse_user_departments(False), parse_user_departments(7)
+    ((), (), (7,))
+    """
+    items = value if isinstance(value, list) else [value]
+    found: list[int] = []
+    for item in items:
+        department_id = to_user_id(item)  # the same rule: a positive int or numeric string
+        if department_id is not None and department_id not in found:
+            found.append(department_id)
+    return tuple(found)
+
+
+def parse_departments(result: object) -> list[DepartmentRecord]:
+    """Departments of one `department.get` page; rows without a usable ID are skipped.
+
+    `ID`, `PARENT` and `UF_HEAD` arrive as strings; the root has no `PARENT` and a
+    department without a head no `UF_HEAD` (Bitrix24 copies only the fields that are set).
+
+    >>> parse_departments([{"ID": "1", "NAME": "Acme"},
+    ...                    {"ID": "15", "NAME": "R&D", "SORT": 500, "PARENT": "1", "UF_HEAD": "7"}])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [DepartmentRecord(department_id=1, name='Acme', parent=None, head=None),
+     DepartmentRecord(department_id=15, name='R&D', parent=1, head=7)]
+    """
+    departments: list[DepartmentRecord] = []
+    for row in _page_rows("department.get", result):
+        department_id = to_user_id(row.get("ID"))
+        if department_id is None:
+            continue
+        name = row.get("NAME")
+        parent = to_user_id(row.get("PARENT"))
+        departments.append(
+            DepartmentRecord(
+                department_id,
+                name.strip() if isinstance(name, str) else "",
+                parent if parent != department_id else None,
+                to_user_id(row.get("UF_HEAD")),
+            )
+        )
+    return departments
+
+
+def _page_rows(method: str, result: object) -> list[dict[str, object]]:
+    """The object rows of one list page; PHP's empty array (`{}`, e.g. a portal without
+    departments) is an empty page, and rows that are not objects are skipped."""
     if isinstance(result, dict) and not result:
         return []
     if not isinstance(result, list):
-        raise PayloadError(f"user.get result must be a list, got {type(result).__name__}")
-    users: list[UserRecord] = []
-    for record in result:
-        if not isinstance(record, dict):
-            continue
-        user_id = to_user_id(record.get("ID"))
-        if user_id is not None:
-            users.append(UserRecord(user_id=user_id, name=_full_name(record)))
-    return users
+        raise PayloadError(f"{method} result must be a list, got {type(result).__name__}")
+    return [row for row in result if isinstance(row, dict)]
 
 
 def _full_name(record: dict[str, object]) -> str:

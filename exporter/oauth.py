@@ -49,6 +49,7 @@ import aiohttp
 
 from exporter.config import OAuthAuth
 from exporter.failures import BitrixError, Code
+from exporter.filestamp import FileStamp, file_stamp
 from exporter.logs import add_secrets
 
 __all__ = ["TOKEN_METHOD", "OAuthCredential", "TokenState", "read_state", "write_state"]
@@ -60,8 +61,6 @@ TOKEN_METHOD: Final = "oauth.token"
 
 # Without `expires_in` the documented lifetime is the best guess (docs/bitrix24.md §1).
 _DEFAULT_LIFETIME: Final = 3600.0
-
-_Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of the state file
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class _Halt:
     """Why token requests are paused: until `until` (unix time), or while `stamp` holds."""
 
     error: BitrixError
-    stamp: _Stamp | None = None  # the state file when the halt began (None: no file)
+    stamp: FileStamp | None = None  # the state file when the halt began (None: no file)
     until: float | None = None  # None: until the state file or the config changes
 
 
@@ -257,7 +256,7 @@ class OAuthCredential:
         """Load the state file once, honour a halt, and save a pending rotated pair."""
         halt = self._halt
         if halt is not None and halt.until is None:
-            if _stamp(self.auth.state_file) == halt.stamp:
+            if file_stamp(self.auth.state_file) == halt.stamp:
                 raise _copy(halt.error)
             log.info(
                 "portal %s: OAuth state file %s changed, trying it",
@@ -407,7 +406,7 @@ class OAuthCredential:
     def _stop(self, code: str, description: str, status: int | None = None) -> BitrixError:
         """Stop asking the OAuth server until the state file or the config changes."""
         error = BitrixError(self.portal, TOKEN_METHOD, code, self._redact(description), status)
-        self._halt = _Halt(error, stamp=_stamp(self.auth.state_file))
+        self._halt = _Halt(error, stamp=file_stamp(self.auth.state_file))
         return _copy(error)
 
     def _pause(self, code: str, description: str, status: int | None) -> BitrixError:
@@ -429,14 +428,6 @@ class OAuthCredential:
 def _copy(error: BitrixError) -> BitrixError:
     # A new exception per raise: re-raising one instance would grow its traceback forever.
     return BitrixError(error.portal, error.method, error.error, error.description, error.status)
-
-
-def _stamp(path: str) -> _Stamp | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _lifetime(body: Mapping[str, Any]) -> float:

@@ -26,9 +26,12 @@ from exporter.directory import UserDirectory
 from exporter.failures import Code, FetchError, PayloadError
 from exporter.fetchlog import FetchLog
 from exporter.fetchstore import FetchStore, Owner
+from exporter.lines import Series
 from exporter.oncelog import OnceLog
-from exporter.snapshot import PortalSnapshot, copy_stats
+from exporter.privacy import Privacy
+from exporter.snapshot import PortalSnapshot, copy_stats, health_of
 from exporter.sources import Planned, Planner, Source, sources_for
+from exporter.teams import TeamView, department_samples
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +98,16 @@ class PortalPoller:
         same_auth = old is not None and old.clients.portal.auth == portal.auth
         self.directory = old.directory if old and same_auth else UserDirectory(portal.name)
         self.directory.keep_callers(set(self.clients.callers))
+        # Everything that leaves the process (snapshots, log lines) passes the privacy mode.
+        self.privacy = Privacy.of(portal)
+        self.directory.who = self.privacy.who
+        tasks = portal.tasks
+        pairs = frozenset((str(g), r) for g in tasks.groups for r in tasks.roles)
+        self.team_view = TeamView(portal.name, pairs, self.privacy.min_team_size)
         self.store = old.store if old and same_auth else FetchStore()
         self.cycles = old.cycles if old and same_auth else 0
         self.once = old.once if old else OnceLog(log)
-        self.fetch_log = FetchLog(portal.name, self.once)
+        self.fetch_log = FetchLog(portal.name, self.once, self.privacy.who)
         self.capacity = CapacityCheck(portal, config, self.once)
         self.next_start: float | None = old.next_start if old else None
         self._stop = asyncio.Event()
@@ -157,17 +166,23 @@ class PortalPoller:
             self.once.resolve("portal", f"portal {self.portal.name}: poll succeeded again")
         self.cycles += 1
         await asyncio.sleep(0)  # a scrape may go between the mapping and the snapshot
-        return self._snapshot(result.up, error, fresh, time.monotonic() - started, behind)
+        code = None if result.failure is None else result.failure.error
+        return self._snapshot(result.up, error, fresh, time.monotonic() - started, behind, code)
 
     # -- one cycle --------------------------------------------------------------
 
     async def _collect(self) -> _CycleResult:
         profile = await self.directory.learn_profile(self.main, self.portal.tasks)
         users = await self.directory.task_users(
-            self.main, self.portal.tasks, self.config.user_refresh_interval, self.once
+            self.main,
+            self.portal.tasks,
+            self.config.user_refresh_interval,
+            self.once,
+            teams=self.portal.teams.enabled,
         )
         plan = self.planner.plan(users, profile.user_id)
         self.capacity.check_load(len(plan), len(self.clients.callers))
+        self.capacity.expect_budget(plan, self.main.budget)
         outcome = await self.main.batch([p.command for p in plan]) if plan else {}
         now = self._clock()
         reached = not plan
@@ -193,7 +208,6 @@ class PortalPoller:
         for auth, client in self.clients.callers.items():
             kept += await self._collect_caller(auth, client, now, fresh)
         self.store.keep_only(set(kept), set(fresh))
-        self.capacity.check_budget(plan, self.main.budget)
         if auth_error is not None:
             self.directory.forget_profile()
             return _CycleResult(False, auth_error, fresh)
@@ -219,6 +233,7 @@ class PortalPoller:
                     failure = exc
         if failure is not None:
             self.store.fail(planned.command.key, now, self.config.stale_after)
+            self.store.failed_because((planned.user_id, planned.source.name), failure.error)
             self.fetch_log.failed(planned, failure)
             return False
         self.fetch_log.succeeded(planned)
@@ -262,15 +277,28 @@ class PortalPoller:
     # -- snapshot ---------------------------------------------------------------
 
     def _snapshot(
-        self, up: bool, error: str | None, fresh: dict[Owner, bool], duration: float, behind: float
+        self,
+        up: bool,
+        error: str | None,
+        fresh: dict[Owner, bool],
+        duration: float,
+        behind: float,
+        code: str | None = None,
     ) -> PortalSnapshot:
-        statuses = self.store.statuses(fresh, up)
+        statuses = self.store.statuses(fresh, up, code)
         watched = {user_id for user_id, _ in fresh}  # not from `statuses`: made when first read
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
-        return PortalSnapshot(
+        samples = self.store.samples()
+        chart = self.directory.chart
+        if self.portal.teams.enabled and chart is not None:
+            memberships = self.directory.memberships
+            teams = department_samples(self.team_view, chart, memberships, watched, samples)
+            if teams:
+                samples = Series.of([*samples, *teams])
+        snapshot = PortalSnapshot(
             name=self.portal.name,
             up=up,
-            samples=self.store.samples(),
+            samples=samples,
             statuses=statuses,
             user_names=names,
             stats=copy_stats(self.stats),
@@ -279,4 +307,6 @@ class PortalPoller:
             behind=behind,
             cycles=self.cycles,
             error=error,
+            health=health_of(statuses),
         )
+        return self.privacy.apply(snapshot)

@@ -24,7 +24,7 @@ import platform
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import cast
 
@@ -80,6 +80,9 @@ class ExporterInfo:
     shard: tuple[int, int] | None = None
     reload_successful: bool = True
     reload_timestamp: float | None = None
+    # Counter families kept outside the portals (the alert receivers'): label values ->
+    # count, updated in place on the event loop.
+    counters: dict[Family, Mapping[tuple[str, ...], float]] = field(default_factory=dict)
 
 
 PORTAL_FAMILIES = (*PORTAL_HEAD_FAMILIES, *source_families(), *PORTAL_TAIL_FAMILIES)
@@ -89,6 +92,8 @@ GLOBAL_FAMILIES = (
     metrics.POLL_INTERVAL,
     metrics.RELOAD_OK,
     metrics.RELOAD_TIME,
+    metrics.ALERT_NOTIFICATIONS,
+    metrics.ALERT_DELIVERIES,
 )
 
 
@@ -135,6 +140,12 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, bytes]:
             lines[metrics.LAST_SUCCESS].append(
                 _line(metrics.LAST_SUCCESS.name, metrics.LAST_SUCCESS, key, status.last_success)
             )
+    for health in snap.health:
+        for family, count in (
+            (metrics.COLLECT_USERS, health.users),
+            (metrics.COLLECT_SUCCESS_USERS, health.succeeded),
+        ):
+            lines[family].append(_line(family.name, family, (p, health.source), float(count)))
     for user_id, name in snap.user_names:
         lines[metrics.USER_INFO].append(
             _line(metrics.USER_INFO.name, metrics.USER_INFO, (p, str(user_id), name), 1.0)
@@ -204,6 +215,12 @@ def global_blocks(info: ExporterInfo) -> dict[Family, str]:
         blocks[metrics.RELOAD_TIME] = _line(
             metrics.RELOAD_TIME.name, metrics.RELOAD_TIME, (), info.reload_timestamp
         )
+    for family, counts in info.counters.items():
+        rows = sorted(counts.items())
+        if rows:
+            blocks[family] = "".join(
+                _line(family.name + "_total", family, labels, count) for labels, count in rows
+            )
     return blocks
 
 
@@ -348,6 +365,8 @@ class Publisher:
     # Bodies assembled, and coalescing windows that rendered (the benchmarks report both).
     assemblies: int = 0
     windows: int = 0
+    # Called with every published snapshot, on the event loop (the status page's history).
+    listeners: list[Callable[[PortalSnapshot], None]] = field(default_factory=list)
     _blocks: dict[str, dict[Family, bytes]] = field(default_factory=dict)
     _segments: Segments = field(default_factory=Segments)
     _dirty: set[str] = field(default_factory=set)
@@ -362,6 +381,8 @@ class Publisher:
         self.snapshots[snapshot.name] = snapshot
         self._dirty.add(snapshot.name)
         self._changed.set()
+        for listener in self.listeners:
+            listener(snapshot)
 
     def remove(self, portal: str) -> None:
         self.snapshots.pop(portal, None)
@@ -388,6 +409,14 @@ class Publisher:
         self._stale = False
         return {name: self.snapshots[name] for name in dirty if name in self.snapshots}
 
+    def _info_now(self) -> ExporterInfo:
+        """`info` with its counters copied here on the event loop: the worker thread that
+        renders must see them as they are now, not half-way through an update."""
+        counters: dict[Family, Mapping[tuple[str, ...], float]] = {
+            family: dict(counts) for family, counts in self.info.counters.items()
+        }
+        return replace(self.info, counters=counters)
+
     def _ordered_blocks(self) -> list[dict[Family, bytes]]:
         return [self._blocks[name] for name in sorted(self._blocks)]
 
@@ -406,7 +435,10 @@ class Publisher:
             self._blocks.update(fresh)
             names = frozenset(self._blocks)
             self.current = await loop.run_in_executor(
-                None, partial(assemble, segments=self._segments), self._ordered_blocks(), self.info
+                None,
+                partial(assemble, segments=self._segments),
+                self._ordered_blocks(),
+                self._info_now(),
             )
             self.assemblies += 1
             self.rendered = names

@@ -19,10 +19,30 @@ from exporter.mapping import Sample
 class Status:
     """Whether one user's counters from one source were fetched in the last cycle."""
 
-    user_id: int
+    user_id: int | str  # a pseudonym in privacy mode pseudonymous (exporter.privacy)
     source: str  # a source's name: "tasks", "im", ...
     success: bool
     last_success: float | None  # unix time
+    reason: str | None = None  # why the last fetch failed: its error code, e.g. NoAccess
+
+
+@dataclass(frozen=True, slots=True)
+class SourceHealth:
+    """How many users one source fetched counters for, and for how many it worked."""
+
+    source: str
+    users: int
+    succeeded: int
+
+
+def health_of(statuses: Iterable[Status]) -> tuple[SourceHealth, ...]:
+    """The per-source counts of `statuses`, which outlive the privacy mode ``aggregate``."""
+    users: dict[str, int] = {}
+    succeeded: dict[str, int] = {}
+    for status in statuses:
+        users[status.source] = users.get(status.source, 0) + 1
+        succeeded[status.source] = succeeded.get(status.source, 0) + status.success
+    return tuple(SourceHealth(s, users[s], succeeded[s]) for s in sorted(users))
 
 
 Owner = tuple[int, str]  # (user_id, source name)
@@ -36,23 +56,39 @@ class Statuses(Sequence[Status]):
     the render thread. What they are made from is copied, so later cycles do not change it.
     """
 
-    def __init__(self, fresh: Mapping[Owner, bool], last: Mapping[Owner, float], up: bool) -> None:
+    def __init__(
+        self,
+        fresh: Mapping[Owner, bool],
+        last: Mapping[Owner, float],
+        up: bool,
+        reasons: Mapping[Owner, str] | None = None,
+        cycle_error: str | None = None,
+    ) -> None:
         self._fresh: dict[Owner, bool] | None = dict(fresh)
         self._last = dict(last)
         self._up = up
+        self._reasons = dict(reasons or {})
+        self._cycle_error = cycle_error
         self._made: tuple[Status, ...] = ()
 
     @property
     def _statuses(self) -> tuple[Status, ...]:
         fresh = self._fresh
         if fresh is not None:
-            last, up = self._last, self._up
+            last, up, reasons, error = self._last, self._up, self._reasons, self._cycle_error
             self._made = tuple(
-                Status(user_id, source, ok and up, last.get((user_id, source)))
+                Status(
+                    user_id,
+                    source,
+                    ok and up,
+                    last.get((user_id, source)),
+                    None if ok and up else reasons.get((user_id, source)) or error,
+                )
                 for (user_id, source), ok in sorted(fresh.items())
             )
             self._fresh = None
             self._last = {}
+            self._reasons = {}
         return self._made
 
     @overload
@@ -96,6 +132,7 @@ class PortalSnapshot:
     behind: float
     cycles: int
     error: str | None = None
+    health: tuple[SourceHealth, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.samples, Series):

@@ -29,6 +29,8 @@ class Source(Protocol):
     method: ClassVar[str]
     # The families this source's samples belong to, in exposition order.
     families: ClassVar[tuple[Family, ...]]
+    # The scopes that allow the method (any one of them); `doctor` checks them.
+    scopes: ClassVar[tuple[str, ...]]
     # True for methods that only read the caller's own data (im.counters.get): they are
     # asked once per credential, for its own user, never for other users.
     caller_only: ClassVar[bool]
@@ -99,7 +101,8 @@ def sources_for(portal: Portal) -> tuple[Source, ...]:
 
 def source_families() -> tuple[Family, ...]:
     """Every source's families, in exposition order."""
+    from exporter.sources.departments import DepartmentsSource
     from exporter.sources.im import ImSource
     from exporter.sources.tasks import TasksSource
 
-    return (*TasksSource.families, *ImSource.families)
+    return (*TasksSource.families, *ImSource.families, *DepartmentsSource.families)

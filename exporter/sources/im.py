@@ -30,6 +30,7 @@ class ImSource:
     name: ClassVar[str] = "im"
     method: ClassVar[str] = METHOD
     families: ClassVar[tuple[Family, ...]] = (IM_UNREAD, IM_CHAT_UNREAD)
+    scopes: ClassVar[tuple[str, ...]] = ("im",)
     caller_only: ClassVar[bool] = True
 
     def __init__(self, portal: str, settings: ImSettings) -> None:

@@ -27,6 +27,7 @@ class TasksSource:
     name: ClassVar[str] = "tasks"
     method: ClassVar[str] = METHOD
     families: ClassVar[tuple[Family, ...]] = (TASKS,)
+    scopes: ClassVar[tuple[str, ...]] = ("task",)
     caller_only: ClassVar[bool] = False
 
     def __init__(self, portal: str, settings: TasksSettings) -> None:
