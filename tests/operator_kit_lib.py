@@ -1,5 +1,5 @@
-"""Shared helpers for the operator-kit tests: the metric contract, the dashboard's and the
-rules' PromQL expressions, and finding the external tools the tests run.
+"""Shared helpers for the operator-kit tests: the metric contract and the dashboard's and the
+rules' PromQL expressions.
 
 The metric contract is read from docs/architecture.md, the one place it is written down, so
 the dashboard and the rules cannot drift from it unnoticed.
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import promql_parser
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 DASHBOARD = ROOT / "grafana" / "dashboards" / "bitrix24.json"
 RULES = ROOT / "prometheus" / "rules.yml"
 ALERTS = ROOT / "prometheus" / "alerts.yml"
@@ -29,23 +25,6 @@ SCHEMA_TOOLS = ROOT / "tools" / "grafana-schema"
 
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
-
-
-def require_binary(name: str) -> str:
-    """Path of an external tool; a missing tool fails the test (CI installs all of them)."""
-    venv_bin = Path(sys.executable).parent / name
-    if venv_bin.exists():
-        return str(venv_bin)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found on PATH or in the venv; run scripts/bootstrap")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def contract_metrics() -> dict[str, frozenset[str]]:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -23,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config, parse_config
-from exporter.fakeportal import FakePortal, FakeUser
+from exporter.fakeportal import FakePortal, FakeUser, demo_portal
 from exporter.logs import mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +88,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def require_binary(name: str) -> str:
+    """Path of an external tool; a missing tool fails the test (CI installs all of them)."""
+    venv_bin = Path(sys.executable).parent / name
+    if venv_bin.exists():
+        return str(venv_bin)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found on PATH or in the venv; run scripts/bootstrap")
+    return found
 
 
 # ---- waiting ----------------------------------------------------------------------------
@@ -175,6 +188,9 @@ async def metrics_text(client: TestClient[Any, Any]) -> str:
 # basic-auth passwords). Tests add what they create with `register_secret`; tokens the
 # exporter itself learns (OAuth) are covered too, through `exporter.logs.mask`'s registry.
 SECRETS: set[str] = {SECRET}
+# The webhook secret of the seeded demo portal (`demo` and the tests that serve it).
+DEMO_SECRET = demo_portal(users=1)[1].split("/")[3]
+SECRETS.add(DEMO_SECRET)
 # The exporter's own loggers and aiohttp's client side; the fake portal (aiohttp.server,
 # aiohttp.web) plays Bitrix24 and its logs are not the exporter's.
 LEAK_LOGGERS = ("exporter", "aiohttp.client")

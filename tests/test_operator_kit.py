@@ -29,22 +29,20 @@ from tests.operator_kit_lib import (
     ALERTMANAGER,
     ALERTS,
     DASHBOARD,
-    ROOT,
     RULES,
     SCHEMA_TOOLS,
     TARGET_LABELS,
     alert_rules,
     contract_metrics,
     dashboard_exprs,
-    free_port,
     iter_panels,
     load_dashboard,
     recording_rule_names,
-    require_binary,
     rule_exprs,
     selectors,
     strip_threshold,
 )
+from tests.support import ROOT, free_port, require_binary
 
 PROM = ROOT / "prometheus"
 # Values for the static check; any value works, they only have to make valid PromQL.

@@ -48,7 +48,7 @@ from exporter.mapping import (
 )
 from exporter.poller import IM_METHOD, TASKS_METHOD, PortalPoller, PortalSnapshot, Status
 from exporter.render import ExporterInfo, assemble, portal_blocks
-from tests.conftest import portal_config, register_secret
+from tests.support import portal_config, register_secret
 
 # ---- arbitrary JSON, as it could arrive on the wire --------------------------------------
 
@@ -377,9 +377,12 @@ def test_config_files_give_a_config_or_config_error(document: str, empty_dir: Pa
     except UnicodeEncodeError:
         path.write_bytes(document.encode("utf-8", "surrogatepass"))
     try:
-        load_config(path, environ=ENVIRON)
+        config = load_config(path, environ=ENVIRON)
     except ConfigError as error:
         assert_config_error(error, str(path))
+        return
+    assert config.portals and config.source == str(path)
+    assert CONFIG_SECRET not in repr(config)
 
 
 # ---- a whole poll cycle against a portal answering arbitrary JSON -------------------------
@@ -537,6 +540,7 @@ async def two_cycles(replies: dict[str, Any], settings_: dict[str, Any]) -> list
             )
             for _ in range(2):
                 try:
+                    # A liveness bound: against instant answers a cycle takes milliseconds.
                     snapshots.append(await asyncio.wait_for(poller.cycle(), 5))
                 except TimeoutError:
                     # Only a method over its operating budget may hold a cycle back, and
