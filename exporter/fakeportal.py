@@ -279,7 +279,9 @@ class FakePortal:
     (None: no limiter and no `operating` fields, like a self-hosted portal); every limited
     call costs `operating_cost` seconds, without sleeping. `legacy_counters` switches
     `tasks.task.counters.get` to the pre-20.800 names. `seed` drives faults and default
-    counters. The constructor arguments stay public attributes and can be changed later.
+    counters. `clock` (default: the event loop's) times the leaky bucket, the operating budget
+    and the recorded arrivals; a test passes its own to move time by hand. The constructor
+    arguments stay public attributes and can be changed later.
     """
 
     def __init__(
@@ -292,6 +294,7 @@ class FakePortal:
         operating_cost: float = 0.0,
         legacy_counters: bool = False,
         seed: int = 0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.requests_per_second = requests_per_second
         self.burst = burst
@@ -300,6 +303,7 @@ class FakePortal:
         self.operating_cost = operating_cost
         self.legacy_counters = legacy_counters
         self.seed = seed
+        self.clock = clock or _loop_time
         self.users: dict[int, FakeUser] = {}
         self.groups: set[int] = set()
         self.faults = Faults()
@@ -466,7 +470,7 @@ class FakePortal:
             await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        at = asyncio.get_running_loop().time()
+        at = self.clock()
         raw_method = request.match_info["method"]
         method = _method_name(raw_method)
         params = await _read_params(request)
@@ -537,7 +541,7 @@ class FakePortal:
         """The portal's leaky bucket: False means 503 QUERY_LIMIT_EXCEEDED."""
         if self.requests_per_second is None:
             return True
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         if self._bucket_at is not None:
             drained = (now - self._bucket_at) * self.requests_per_second
             self._bucket_level = max(0.0, self._bucket_level - drained)
@@ -569,7 +573,7 @@ class FakePortal:
     # ---- the OAuth server -------------------------------------------------------------------
 
     async def _token(self, request: web.Request) -> web.Response:
-        at = asyncio.get_running_loop().time()
+        at = self.clock()
         params = {k: request.query[k] for k in request.query}
         shown = _masked(params)
         index = len(self.requests)
@@ -626,7 +630,7 @@ class FakePortal:
         handler = self._handlers.get(method)
         if handler is None:
             raise _ApiError.of(404, _METHOD_NOT_FOUND)
-        loop_now = asyncio.get_running_loop().time()
+        loop_now = self.clock()
         started = time.time()
         # `batch` is exempt from the limiter; its commands are charged one by one.
         limited = method != "batch"
@@ -811,6 +815,10 @@ class FakePortal:
 
 
 # ---- module helpers -------------------------------------------------------------------------
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 def demo_portal(*, users: int = 6, seed: int = 1) -> tuple[FakePortal, str]:

@@ -1,5 +1,5 @@
-"""Shared helpers for the operator-kit tests: the metric contract and the dashboard's and the
-rules' PromQL expressions.
+"""Shared helpers for the operator-kit tests: the metric contract, the dashboard's and the
+rules' PromQL expressions, and reading the Dockerfile.
 
 The metric contract is read from docs/architecture.md, the one place it is written down, so
 the dashboard and the rules cannot drift from it unnoticed.
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import shlex
+from dataclasses import dataclass, field
 from typing import Any
 
 import promql_parser
@@ -160,3 +161,40 @@ def selectors(expr: str) -> list[tuple[str | None, list[tuple[str, str]]]]:
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return found
+
+
+# --- the Dockerfile ---------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages of a Dockerfile as (INSTRUCTION, arguments) lists; continuations joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        if not pending and raw.lstrip().startswith("#"):
+            continue
+        if raw.rstrip().endswith("\\"):
+            pending += raw.rstrip()[:-1] + " "
+            continue
+        lines.append(pending + raw)
+        pending = ""
+    stages: list[Stage] = []
+    for line in filter(str.strip, lines):
+        instruction, _, args = line.strip().partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            m = re.search(r"\bAS\s+(\S+)", args, re.I)
+            stages.append(Stage(m.group(1) if m else None))
+        elif stages:
+            stages[-1].instructions.append((instruction, args.strip()))
+    return stages
+
+
+def parse_env(args: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in shlex.split(args))

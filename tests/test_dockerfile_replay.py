@@ -21,49 +21,15 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.operator_kit_lib import parse_dockerfile, parse_env
 from tests.support import ROOT, ExporterProcess, free_port, value
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Stage:
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    """Stages of a Dockerfile as (INSTRUCTION, arguments) lists; continuations joined."""
-    lines: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        if not pending and raw.lstrip().startswith("#"):
-            continue
-        if raw.rstrip().endswith("\\"):
-            pending += raw.rstrip()[:-1] + " "
-            continue
-        lines.append(pending + raw)
-        pending = ""
-    stages: list[Stage] = []
-    for line in filter(str.strip, lines):
-        instruction, _, args = line.strip().partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            m = re.search(r"\bAS\s+(\S+)", args, re.I)
-            stages.append(Stage(m.group(1) if m else None))
-        elif stages:
-            stages[-1].instructions.append((instruction, args.strip()))
-    return stages
-
-
-def parse_env(args: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in shlex.split(args))
 
 
 class Replay:
