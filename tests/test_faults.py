@@ -19,9 +19,10 @@ many seconds recovery takes are measured by `bench/faults.py`. Each scenario pri
 saw; run with `-s` to see it.
 
 The fake portal runs in a process of its own (`tests/fault_portal.py`, steered over HTTP),
-and so does the prober, as Prometheus would. Cycles are told apart by the published snapshot
-(`PUBLISHER` on the app: what /metrics is rendered from, with its cycle number and request
-counts); everything else is read from /metrics and from the portal's records.
+and so does the prober (`tests/prober.py`), as Prometheus would. Cycles are told apart by
+the published snapshot (`PUBLISHER` on the app: what /metrics is rendered from, with its
+cycle number and request counts); everything else is read from /metrics and from the
+portal's records.
 """
 
 from __future__ import annotations
@@ -93,41 +94,6 @@ def per_cycle_bound(users: int, *, relearn: bool = False) -> int:
 
 DRAINER_SECRET = "dr41n3rs3cr3tw3bh00k"
 register_secret(DRAINER_SECRET)
-
-# Probes /metrics and /healthz over one keep-alive connection until stdin has a line, then
-# prints the slowest answer of each (for the report only); a separate process, so nothing in
-# the test's own process (the fake portal, the checks) can slow the probe down or hide a
-# slow answer. "ready" goes out after the first round, so a scenario never ends unprobed.
-# The 10 s socket timeout is a liveness bound: an answer that slow counts as a failure.
-PROBER = r"""
-import http.client, json, select, sys, time
-host, port = sys.argv[1], int(sys.argv[2])
-worst = {"/metrics": 0.0, "/healthz": 0.0}
-count, failures = 0, []
-def connect():
-    return http.client.HTTPConnection(host, port, timeout=10)
-conn = connect()
-while not select.select([sys.stdin], [], [], 0)[0]:
-    for path in worst:
-        started = time.monotonic()
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            response.read()
-            status = response.status
-        except (OSError, http.client.HTTPException) as exc:
-            status = repr(exc)
-            conn.close()
-            conn = connect()
-        worst[path] = max(worst[path], time.monotonic() - started)
-        if status != 200:
-            failures.append(f"{path}: {status}")
-    count += 1
-    if count == 1:
-        print("ready", flush=True)
-    time.sleep(0.01)
-print(json.dumps({"worst": worst, "count": count, "failures": failures[:10]}), flush=True)
-"""
 
 
 def spec(users: int = USERS, **kwargs: Any) -> dict[str, Any]:
@@ -326,10 +292,11 @@ class Scenario:
         self._task = asyncio.create_task(self._probe())
         self._prober = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-c",
-            PROBER,
+            "-m",
+            "tests.prober",
             self.client.server.host,
             str(self.client.server.port),
+            cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
