@@ -107,7 +107,7 @@ def require_binary(name: str) -> str:
 async def wait_for(
     predicate: Callable[[], Awaitable[bool]],
     *,
-    timeout: float = 10.0,
+    timeout: float = 30.0,
     step: float = 0.05,
     what: str = "condition",
 ) -> None:

@@ -78,7 +78,7 @@ async def test_values_follow_the_portal(served: Any, exporter_app: Any) -> None:
         found = series(text, "bitrix24_tasks", user_id="2", counter="expired")
         return [s.value for s in found] == [12]
 
-    await wait_for(updated, timeout=5)
+    await wait_for(updated)
 
 
 async def test_requests_go_as_json_post_in_batches(served: Any) -> None:
@@ -332,7 +332,7 @@ async def test_users_who_leave_disappear_next_refresh(served: Any, exporter_app:
             text, "bitrix24_collect_success", user_id="3"
         )
 
-    await wait_for(gone, timeout=5)
+    await wait_for(gone)
     portal.add_user(FakeUser(4, "New", "Person"))
 
     async def joined() -> bool:
@@ -340,7 +340,7 @@ async def test_users_who_leave_disappear_next_refresh(served: Any, exporter_app:
             series(await metrics_text(client), "bitrix24_user_info", user_id="4", name="New Person")
         )
 
-    await wait_for(joined, timeout=5)
+    await wait_for(joined)
 
 
 async def test_metrics_negotiation_and_gzip(served: Any, exporter_app: Any) -> None:

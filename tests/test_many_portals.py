@@ -51,7 +51,7 @@ async def test_slow_and_dead_portals_do_not_delay_others(served: Any, exporter_a
     async def dead_down() -> bool:
         return bool(series(await metrics_text(client), "bitrix24_up", portal="dead"))
 
-    await wait_for(dead_down, timeout=30)  # after its retries with backoff
+    await wait_for(dead_down)  # after its retries with backoff
     text = await metrics_text(client)
     assert value(text, "bitrix24_up", portal="dead") == 0
     assert (
