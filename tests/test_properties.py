@@ -347,6 +347,8 @@ def assert_config_error(error: ConfigError, source: str) -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=CONFIG)
+# At least one good mapping every run, so that the success path is always checked.
+@example(data={"portals": [{"name": "acme", "webhook": "${ACME_WEBHOOK}"}]})
 def test_config_data_gives_a_config_or_config_error(data: object, empty_dir: Path) -> None:
     """Any mapping is a Config or a ConfigError whose every line names the source."""
     try:
@@ -368,6 +370,10 @@ def test_config_data_gives_a_config_or_config_error(data: object, empty_dir: Pat
             ["", "portals: [", "a: !!python/object:os.system x", "x: &a [*a]", "- !!binary AAA"]
         ),
     )
+)
+# At least one good file every run, so that the success path is always checked.
+@example(
+    document="portals:\n  - name: acme\n    webhook: ${ACME_WEBHOOK}\npoll_interval: ${POLL}\n"
 )
 def test_config_files_give_a_config_or_config_error(document: str, empty_dir: Path) -> None:
     """Any file, valid YAML or not, is a Config or a ConfigError whose lines name the file."""
