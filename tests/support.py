@@ -307,7 +307,7 @@ class ExporterProcess:
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
 
-    async def wait_exit(self, timeout: float = 30.0) -> int:
+    async def wait_exit(self, timeout: float = 60.0) -> int:
         """The exit code; `timeout` is a liveness bound far above any real run."""
         return await asyncio.to_thread(self.proc.wait, timeout)
 
@@ -337,8 +337,8 @@ class ExporterProcess:
         assert response.status == 200, response
         return response.text
 
-    async def wait_ready(self, timeout: float = 30.0, *, path: str = "/readyz", **get: Any) -> None:
-        """Until `path` answers 200 (any answer for `/healthz` behind auth: see `answers`)."""
+    async def wait_ready(self, timeout: float = 60.0, *, path: str = "/readyz", **get: Any) -> None:
+        """Until `path` answers 200; `timeout` is a liveness bound (it takes a second or two)."""
 
         async def ready() -> bool:
             if self.proc.poll() is not None:
@@ -349,7 +349,7 @@ class ExporterProcess:
 
         await wait_for(ready, timeout=timeout, step=0.1, what=f"{path} answering 200")
 
-    async def wait_answering(self, timeout: float = 30.0, **get: Any) -> None:
+    async def wait_answering(self, timeout: float = 60.0, **get: Any) -> None:
         """Until the server answers at all (any status), e.g. behind basic auth."""
 
         async def answers() -> bool:
