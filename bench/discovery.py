@@ -5,7 +5,7 @@
 The exporter lists a portal's active employees with one `user.get` call (which tells the
 total) and then the remaining pages of 50 inside `batch` requests of 50 pages: for 10,000
 users that is 1 call + 4 batches carrying 200 `user.get` calls. This times the exporter's
-user listing (`PortalPoller._discover_users`, the step a cycle runs before fetching
+user listing (`UserDirectory.discover`, the step a cycle runs before fetching
 counters) against a portal with the standard limit and against one without a limit, and, on
 the latter, a naive pager that follows `next` one request at a time. CPU is the benchmark
 process's own (the fake portals run in a child process).
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import math
 import time
 from typing import Any
@@ -36,7 +37,9 @@ from _common import (
 )
 
 from exporter.bitrix import new_session
-from exporter.poller import USERS_FILTER, PortalPoller
+from exporter.directory import USERS_FILTER
+from exporter.oncelog import OnceLog
+from exporter.poller import PortalPoller
 
 
 async def exporter_listing(fleet: FakeFleet, index: int, rate_limit: object) -> dict[str, Any]:
@@ -45,7 +48,7 @@ async def exporter_listing(fleet: FakeFleet, index: int, rate_limit: object) -> 
         poller = PortalPoller(config.portals[0], config, session, lambda s: None)
         before = await fleet.stats(index)
         cpu, started = time.process_time(), time.monotonic()
-        await poller._discover_users()
+        await poller.directory.discover(poller.main, OnceLog(logging.getLogger(__name__)))
         seconds, cpu = time.monotonic() - started, time.process_time() - cpu
         after = await fleet.stats(index, since=before["total"])
     return {
@@ -54,7 +57,7 @@ async def exporter_listing(fleet: FakeFleet, index: int, rate_limit: object) -> 
         "status_503": after["status"].get("503", 0),
         "seconds": seconds,
         "cpu": cpu,
-        "found": len(poller.discovered or []),
+        "found": len(poller.directory.discovered or []),
     }
 
 

@@ -44,8 +44,8 @@ from _common import (
 )
 from aiohttp import web
 
-from exporter.poller import TASKS_METHOD
 from exporter.server import SUPERVISOR, build_app
+from exporter.sources.tasks import METHOD as TASKS_METHOD
 
 
 class Captured(logging.Handler):

@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
@@ -31,6 +31,8 @@ from urllib.parse import quote
 import aiohttp
 
 from exporter import __version__
+from exporter.failures import BitrixError as BitrixError
+from exporter.failures import Code
 from exporter.metrics import DURATION_BUCKETS
 
 log = logging.getLogger(__name__)
@@ -39,77 +41,23 @@ MAX_BATCH = 50
 # Bitrix24 sums each method's execution time over this many seconds (operating_limit).
 OPERATING_WINDOW = 600.0
 
-# Errors that a retry cannot fix: credentials, scopes, plan, arguments, missing methods.
-AUTH_ERRORS = frozenset(
-    {
-        "NO_AUTH_FOUND",
-        "INVALID_CREDENTIALS",
-        "insufficient_scope",
-        "expired_token",
-        "invalid_token",
-        "ACCESS_DENIED",
-        "user_access_error",
-        "authorization_error",
-        "APPLICATION_NOT_FOUND",
-        "METHOD_CONFIRM_WAITING",
-        "METHOD_CONFIRM_DENIED",
-        "WRONG_AUTH_TYPE",
-        "WRONG_LICENSE",
-        "PORTAL_DELETED",
-        "INVALID_REQUEST",
-        "OVERLOAD_LIMIT",
-        "invalid_grant",
-        "invalid_client",
-    }
-)
-# Transient server-side errors, worth a few more tries.
-RETRYABLE_ERRORS = frozenset(
-    {
-        "INTERNAL_SERVER_ERROR",
-        "ERROR_UNEXPECTED_ANSWER",
-        "CONNECTION_ERROR",
-        "QUERY_LIMIT_EXCEEDED",
-        # Pseudo-codes for failures below the Bitrix error layer.
-        "timeout",
-        "connection",
-        "invalid_response",
-    }
-)
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a transient failure is retried: up to `max_retries` more tries, the n-th after
+    `base * 2**n` seconds (at most `cap`), each delay jittered to 50-100 % so that many
+    clients failing together do not come back together."""
+
+    max_retries: int = 3
+    base: float = 0.5
+    cap: float = 10.0
+
+    def delay(self, attempt: int, draw: float) -> float:
+        """The wait before retry `attempt` (0-based), for a random `draw` in [0, 1)."""
+        return min(self.cap, self.base * 2.0**attempt) * (0.5 + draw / 2)
 
 
-class BitrixError(Exception):
-    """A failed call: portal, method, HTTP status (None without a response) and error code."""
-
-    def __init__(
-        self, portal: str, method: str, error: str, description: str = "", status: int | None = None
-    ) -> None:
-        self.portal = portal
-        self.method = method
-        self.error = error
-        self.description = description
-        self.status = status
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = f"HTTP {self.status}" if self.status is not None else "no response"
-        text = f": {self.description}" if self.description else ""
-        return f"portal {self.portal}: {self.method}: {self.error}{text} ({where})"
-
-    @property
-    def is_auth(self) -> bool:
-        """The credential itself was refused; the portal counts as down."""
-        return self.error in AUTH_ERRORS
-
-    @property
-    def whole_batch(self) -> bool:
-        """The batch request itself failed, so every command in it carries this error."""
-        return self.method == "batch"
-
-    @property
-    def retryable(self) -> bool:
-        return self.error in RETRYABLE_ERRORS or (
-            self.status is not None and self.status >= 500 and self.error not in AUTH_ERRORS
-        )
+DEFAULT_RETRY = RetryPolicy()
 
 
 class Credential(Protocol):
@@ -377,9 +325,7 @@ class BitrixClient:
         budget: OperatingBudget,
         stats: ClientStats,
         timeout: float = 30.0,
-        max_retries: int = 3,
-        retry_base: float = 0.5,
-        retry_cap: float = 10.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
         concurrency: int = 4,
     ) -> None:
         self.portal = portal
@@ -389,9 +335,7 @@ class BitrixClient:
         self.budget = budget
         self.stats = stats
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._max_retries = max_retries
-        self._retry_base = retry_base
-        self._retry_cap = retry_cap
+        self.retry = retry
         self._concurrency = asyncio.Semaphore(concurrency)
         self._random = random.Random()
 
@@ -510,7 +454,7 @@ class BitrixClient:
         sections = body.get("result")
         if not isinstance(sections, dict):
             error = BitrixError(
-                self.portal, "batch", "invalid_response", "result is not an object", 200
+                self.portal, "batch", Code.INVALID_RESPONSE, "result is not an object", 200
             )
             self.stats.errors["batch", error.error] += 1
             return {c.key: error for c in chunk}
@@ -528,7 +472,7 @@ class BitrixClient:
                 outcome[command.key] = BitrixError(
                     self.portal,
                     command.method,
-                    "invalid_response",
+                    Code.INVALID_RESPONSE,
                     "missing from batch result",
                     200,
                 )
@@ -546,7 +490,8 @@ class BitrixClient:
         )
 
     def _command_error(self, command: Command, raw: object) -> BitrixError:
-        code, description = "invalid_response", "unreadable error"
+        code: str = Code.INVALID_RESPONSE
+        description = "unreadable error"
         if isinstance(raw, dict):
             code = str(raw.get("error", "")) or "unknown"
             description = str(raw.get("error_description", ""))
@@ -581,10 +526,9 @@ class BitrixClient:
                     for name in calls:
                         self.budget.pause(name)
                     raise
-                if not error.retryable or attempt >= self._max_retries:
+                if not error.retryable or attempt >= self.retry.max_retries:
                     raise
-                delay = min(self._retry_cap, self._retry_base * 2**attempt)
-                delay *= 0.5 + self._random.random() / 2  # jitter: 50-100 %
+                delay = self.retry.delay(attempt, self._random.random())
                 if error.error == "QUERY_LIMIT_EXCEEDED":
                     # Someone else drains the same bucket: give it time to leak.
                     self.throttle.pause(max(delay, 1.0 / self.throttle.requests_per_second))
@@ -611,14 +555,14 @@ class BitrixClient:
                 code = str(status)
                 raw = await response.read()
         except TimeoutError:
-            code = "timeout"
+            code = Code.TIMEOUT
             raise self._fail(
-                method, "timeout", "no answer within the request timeout", None
+                method, Code.TIMEOUT, "no answer within the request timeout", None
             ) from None
         except aiohttp.ClientError as exc:
-            code = "connection"
+            code = Code.CONNECTION
             reason = self._redact(f"{type(exc).__name__}: {exc}")
-            raise self._fail(method, "connection", reason, None) from None
+            raise self._fail(method, Code.CONNECTION, reason, None) from None
         finally:
             if code is not None:
                 self.stats.observe_duration(loop.time() - started)
@@ -626,15 +570,15 @@ class BitrixClient:
         try:
             body = json.loads(raw)
         except ValueError:
-            raise self._fail(method, "invalid_response", "body is not JSON", status) from None
+            raise self._fail(method, Code.INVALID_RESPONSE, "body is not JSON", status) from None
         if not isinstance(body, dict):
-            raise self._fail(method, "invalid_response", "body is not a JSON object", status)
+            raise self._fail(method, Code.INVALID_RESPONSE, "body is not a JSON object", status)
         if "error" in body:
             description = body.get("error_description", "")
             raise self._fail(method, str(body["error"]), self._redact(str(description)), status)
         if status >= 400:
             raise self._fail(
-                method, "invalid_response", "error status without an error body", status
+                method, Code.INVALID_RESPONSE, "error status without an error body", status
             )
         return body
 
@@ -664,7 +608,3 @@ def new_session(*, limit: int = 100) -> aiohttp.ClientSession:
     """The process-wide HTTP session: keep-alive, bounded connections, our User-Agent."""
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=16, enable_cleanup_closed=True)
     return aiohttp.ClientSession(connector=connector, headers={"User-Agent": user_agent()})
-
-
-def all_secrets(credentials: Iterable[Credential]) -> set[str]:
-    return {s for c in credentials for s in c.secrets if s}

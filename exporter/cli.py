@@ -3,6 +3,7 @@
     bitrix24-exporter --config config.yaml [--listen-address HOST:PORT] [--once] ...
     bitrix24-exporter --config config.yaml --shard-index I --shard-count N   (docs/sharding.md)
     bitrix24-exporter demo [--listen-address HOST:PORT] [--users N]
+    bitrix24-exporter doctor [--config FILE] [--output text|json]
 
 A config error prints one line per problem and exits 2.
 """
@@ -28,17 +29,16 @@ from exporter.bitrix import new_session
 from exporter.config import (
     Config,
     ConfigError,
-    OAuthAuth,
-    WebhookAuth,
+    check_receivers_protected,
     load_config,
     parse_config,
     parse_listen_address,
 )
 from exporter.logs import add_secrets, setup_logging
-from exporter.poller import PortalPoller, PortalSnapshot
 from exporter.render import ExporterInfo, Publisher
 from exporter.server import build_app
 from exporter.sharding import Shard, resolve_shard, select_portals
+from exporter.supervisor import Supervisor
 from exporter.webconfig import WebSecurity
 
 log = logging.getLogger("exporter")
@@ -142,10 +142,26 @@ def _demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _doctor_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitrix24-exporter doctor",
+        description="Check the config against each portal: reachable, credential, owner,"
+        " scopes, users and load. Exit 0 if nothing failed (warnings allowed), 1 if a check"
+        " failed, 2 for a config error. Reads only; never posts.",
+    )
+    parser.add_argument("--config", "--config.file", dest="config", default="config.yaml")
+    parser.add_argument("--output", choices=["text", "json"], default="text")
+    _common_flags(parser)
+    parser.set_defaults(log_level="warning")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["demo"]:
         return _demo(_demo_parser().parse_args(args_list[1:]))
+    if args_list[:1] == ["doctor"]:
+        return _doctor(_doctor_parser().parse_args(args_list[1:]))
     args = _parser().parse_args(args_list)
     setup_logging(args.log_level, args.log_format)
     try:
@@ -153,16 +169,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return EXIT_CONFIG
+    # Each input is checked under its own name, and every problem of each is printed.
+    problems: list[str] = []
+    config: Config | None = None
     try:
         config = load_config(args.config)
-        listen = parse_listen_address(args.listen_address or config.listen_address)
-        security = WebSecurity(args.web_config_file) if args.web_config_file else None
     except ConfigError as error:
-        for problem in error.problems:
+        problems += error.problems
+    listen: tuple[str, int] | None = None
+    if args.listen_address is not None:
+        try:
+            listen = parse_listen_address(args.listen_address)
+        except ValueError as error:
+            problems.append(f"--listen-address: {error}")
+    elif config is not None:
+        listen = parse_listen_address(config.listen_address)  # checked with the config
+    security: WebSecurity | None = None
+    if args.web_config_file:
+        try:
+            security = WebSecurity(args.web_config_file)
+        except ConfigError as error:
+            problems += error.problems
+    if config is not None and (security is not None or not args.web_config_file):
+        problems += check_receivers_protected(config, _has_basic_auth(security))
+    if problems or config is None or listen is None:
+        for problem in problems:
             print(problem, file=sys.stderr)
-        return EXIT_CONFIG
-    except ValueError as error:
-        print(f"--listen-address: {error}", file=sys.stderr)
         return EXIT_CONFIG
     add_secrets(*config_secrets(config))
     mine = select_portals(config, shard)
@@ -179,31 +211,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = build_app(
         mine,
         info=info,
-        loader=partial(load_shard_config, args.config, shard),
+        loader=partial(load_shard_config, args.config, shard, security),
         middlewares=() if security is None else (security.middleware,),
+        basic_auth=partial(_has_basic_auth, security),
     )
     _serve(app, listen, ssl_context=None if security is None else security.ssl_context)
     return 0
 
 
-def load_shard_config(path: str, shard: Shard | None) -> Config:
+def _has_basic_auth(security: WebSecurity | None) -> bool:
+    """Whether the web config in force asks every request for basic auth."""
+    return security is not None and bool(security.config.users)
+
+
+def load_shard_config(
+    path: str, shard: Shard | None, security: WebSecurity | None = None
+) -> Config:
     """What a reload loads: the config at `path`, reduced to `shard`'s portals."""
     config = load_config(path)
     # Every portal's secrets, this shard's or not: a log line may still name any of them.
     add_secrets(*config_secrets(config))
+    unprotected = check_receivers_protected(config, _has_basic_auth(security))
+    if unprotected:
+        raise ConfigError(unprotected)
     return select_portals(config, shard)
 
 
 def config_secrets(config: Config) -> list[str]:
-    secrets: list[str] = []
-    for portal in config.portals:
-        auths: list[WebhookAuth | OAuthAuth] = [portal.auth, *portal.im.webhooks]
-        for auth in auths:
-            if isinstance(auth, WebhookAuth):
-                secrets.append(auth.secret)
-            else:
-                secrets += [auth.client_secret, auth.refresh_token or ""]
-    return secrets
+    return list(config.secrets)
 
 
 def _serve(
@@ -228,10 +263,7 @@ async def _once(config: Config, info: ExporterInfo | None = None) -> int:
     """One cycle of every portal, the exposition on stdout; 1 if any portal failed."""
     publisher = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     async with new_session() as session:
-        snapshots: list[PortalSnapshot] = []
-        pollers = [PortalPoller(p, config, session, snapshots.append) for p in config.portals]
-        for snapshot in await asyncio.gather(*(p.cycle() for p in pollers)):
-            publisher.publish(snapshot)
+        await Supervisor(config, session, publisher).run_once()
     sys.stdout.buffer.write(publisher.render_now().text)
     sys.stdout.flush()
     failed = [s.name for s in publisher.snapshots.values() if not s.up]
@@ -239,6 +271,29 @@ async def _once(config: Config, info: ExporterInfo | None = None) -> int:
         log.error("portals failed: %s", ", ".join(failed))
         return 1
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from exporter import doctor
+
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return doctor.EXIT_CONFIG
+    add_secrets(*config_secrets(config))
+
+    async def run() -> doctor.Report:
+        async with new_session() as session:
+            return await doctor.diagnose(config, session)
+
+    report = asyncio.run(run())
+    formatted = doctor.format_json if args.output == "json" else doctor.format_text
+    sys.stdout.write(formatted(report))
+    sys.stdout.flush()
+    return report.exit_code
 
 
 def _free_port(host: str) -> int:

@@ -1,13 +1,20 @@
 """A fake Bitrix24 portal served over real HTTP, for the demo, the tests and the benchmarks.
 
 `FakePortal` owns an `aiohttp.web.Application` that answers the REST methods the exporter
-uses (`profile`, `user.get`, `user.current`, `im.counters.get`, `tasks.task.counters.get` and
-`batch`) the way a cloud portal does, as described in docs/bitrix24.md: webhook URLs and
-OAuth access tokens (`auth`, `access_token` or a Bearer header), query-string and body
-parameters merged with PHP semantics (so `ACTIVE=false` in a form is
-truthy), error bodies without a `time` block, the per-portal leaky bucket (503
-`QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
-`OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`).
+uses (`profile`, `user.get`, `user.current`, `department.get`, `im.counters.get`,
+`tasks.task.counters.get`, `scope` and `batch`) the way a cloud portal does, as described
+in docs/bitrix24.md: webhook URLs and OAuth access tokens (`auth`, `access_token` or a
+Bearer header), query-string and body parameters merged with PHP semantics (so
+`ACTIVE=false` in a form is truthy), error bodies without a `time` block, the per-portal
+leaky bucket (503 `QUERY_LIMIT_EXCEEDED`), the per-credential, per-method operating budget (429
+`OPERATION_TIME_LIMIT`), and PHP's JSON quirks (an empty map is `[]`). Each webhook and
+application holds scopes (every one of `DEFAULT_SCOPES` unless given): `scope` lists them,
+and a method outside them answers 401 `insufficient_scope`.
+
+For alert delivery it takes `im.message.add` (into chats added with `add_chat`, which only
+their members may write to, or a private dialog), `im.notify.system.add` and
+`im.notify.personal.add`, with the real portal's refusals, and keeps what was sent in
+`messages` and `notifications`.
 
 It also plays the OAuth server (`GET /oauth/token/`, grant_type=refresh_token) for the
 local applications added with `add_oauth_app`: each refresh issues a new access token that
@@ -35,21 +42,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from aiohttp import web
 
 __all__ = [
+    "DEFAULT_SCOPES",
+    "DEMO_DEPARTMENTS",
     "LEGACY_COUNTER_CODES",
     "NEW_COUNTER_CODES",
     "ROLES",
     "TOKEN_METHOD",
     "Credential",
+    "FakeDepartment",
     "FakePortal",
     "FakeUser",
     "Faults",
     "RecordedRequest",
+    "SentMessage",
+    "SentNotification",
     "demo_portal",
     "parse_php_query",
     "serve",
@@ -83,6 +96,33 @@ _LEGACY_ROLE_COUNTERS: Final = {
     "view_role_originator": ("wo_deadline", "expired", "wait_ctrl"),
 }
 
+# What a webhook or application is granted unless `add_webhook` / `add_oauth_app` say
+# otherwise: every scope a method of this fake needs.
+DEFAULT_SCOPES: Final = ("department", "im", "task", "user")
+# `scope` with full=true: every scope the portal knows (a real portal lists about fifty).
+_ALL_SCOPES: Final = (
+    *DEFAULT_SCOPES,
+    "calendar",
+    "crm",
+    "disk",
+    "entity",
+    "log",
+    "sonet_group",
+    "user_basic",
+    "user_brief",
+)
+# The scopes that allow a method (any one of them); methods not listed need none.
+_METHOD_SCOPES: Final = {
+    "user.get": ("user", "user_basic", "user_brief"),
+    "user.current": ("user", "user_basic", "user_brief"),
+    "department.get": ("department",),
+    "im.counters.get": ("im",),
+    "tasks.task.counters.get": ("task",),
+    "im.message.add": ("im",),
+    "im.notify.system.add": ("im",),
+    "im.notify.personal.add": ("im",),
+}
+
 BATCH_MAX_LENGTH: Final = 50
 PAGE_SIZE: Final = 50
 
@@ -90,6 +130,11 @@ PAGE_SIZE: Final = 50
 _QUERY_LIMIT: Final = ("QUERY_LIMIT_EXCEEDED", "Too many requests")
 _OPERATION_LIMIT: Final = ("OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.")
 _INVALID_CREDENTIALS: Final = ("INVALID_CREDENTIALS", "Invalid request credentials")
+# The description is this fake's own wording: the exact text is unconfirmed.
+_INSUFFICIENT_SCOPE: Final = (
+    "insufficient_scope",
+    "The request requires higher privileges than provided by the webhook token",
+)
 _NO_AUTH: Final = ("NO_AUTH_FOUND", "Wrong authorization data")
 _METHOD_NOT_FOUND: Final = ("ERROR_METHOD_NOT_FOUND", "Method not found!")
 _INTERNAL: Final = ("INTERNAL_SERVER_ERROR", "Internal server error")
@@ -105,6 +150,17 @@ TOKEN_METHOD: Final = "oauth.token"
 # Parameters that carry a token or a client secret: recorded as <secret>.
 _SECRET_PARAMS: Final = frozenset({"auth", "access_token", "refresh_token", "client_secret"})
 _GROUP_DENIED: Final = "Group not found or access denied. (internal error)"
+# im.message.add and im.notify.*.add (im/classes/general/im_rest.php).
+_MESSAGE_EMPTY: Final = ("MESSAGE_EMPTY", "Message can't be empty")
+_MESSAGE_TYPE: Final = ("MESSAGE_EMPTY", "Wrong message type")
+_USER_ID_EMPTY: Final = ("USER_ID_EMPTY", "User ID can't be empty")
+_USER_NOT_FOUND: Final = ("USER_NOT_FOUND", "User not found")
+_CHAT_ID_EMPTY: Final = ("CHAT_ID_EMPTY", "Chat ID can't be empty")
+_CHAT_FORBIDDEN: Final = ("ACCESS_ERROR", "It is forbidden to send messages to this chat")
+_PARAMS_ERROR: Final = ("PARAMS_ERROR", "Incorrect params")
+# Longer messages are cut and marked, not refused (im/lib/V2/Message.php).
+MESSAGE_MAX_LENGTH: Final = 20_000
+_CHAT_DIALOG_RE: Final = re.compile(r"^(chat|sg|crm)\d+$", re.IGNORECASE)
 # Older portals leak the PHP TypeError of the counter controller (seed page 003).
 _COUNTER_PHP_FILE: Final = "/var/www/html/bitrix/modules/tasks/lib/internals/counter.php"
 
@@ -131,6 +187,20 @@ class FakeUser:
     active: bool = True
     admin: bool = False
     user_type: str = "employee"
+    # UF_DEPARTMENT: the departments the user is directly in (extranet users: none).
+    departments: tuple[int, ...] = (1,)
+
+
+@dataclass
+class FakeDepartment:
+    """A department of the company structure; `parent` None is the root, `head` None none."""
+
+    id: int
+    name: str
+    parent: int | None = None
+    head: int | None = None
+    sort: int = 500
+    active: bool = True
 
 
 @dataclass
@@ -151,6 +221,38 @@ class Faults:
     reset_rate: float = 0.0  # abort the connection without a response
     query_limit_burst: int = 0  # the next N requests get 503 QUERY_LIMIT_EXCEEDED
     operation_time_limit: bool = False  # every limited method call gets 429
+
+
+@dataclass(frozen=True)
+class SentMessage:
+    """A message `im.message.add` posted: into a chat (`chat_id`) or a private dialog."""
+
+    id: int
+    dialog_id: str
+    chat_id: int | None  # None for a private dialog with `to_user_id`
+    to_user_id: int | None
+    from_user_id: int
+    message: str
+    url_preview: bool
+    system: bool
+
+
+@dataclass(frozen=True)
+class SentNotification:
+    """A notification `im.notify.system.add` (`from_user_id` 0) or `.personal.add` added."""
+
+    id: int
+    user_id: int
+    from_user_id: int
+    kind: str  # "system" | "personal"
+    message: str
+    tag: str
+
+
+@dataclass
+class _Chat:
+    members: set[int]
+    group_id: int | None  # the workgroup whose chat this is (DIALOG_ID sgN)
 
 
 @dataclass(frozen=True)
@@ -181,12 +283,14 @@ class Credential:
 
     user_id: int
     budget_key: str
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
 class _Webhook:
     user_id: int
     revoked: bool = False
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
@@ -197,6 +301,7 @@ class _OAuthApp:
     user_id: int
     access_ttl: float
     member_id: str
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
 
 
 @dataclass
@@ -306,6 +411,12 @@ class FakePortal:
         self.clock = clock or _loop_time
         self.users: dict[int, FakeUser] = {}
         self.groups: set[int] = set()
+        self.departments: dict[int, FakeDepartment] = {}
+        # Users whose task counters every other caller is refused (`result: []`), as for
+        # a user the caller neither is nor heads, even an admin.
+        self.no_access_users: set[int] = set()
+        # UF_DEPARTMENT as numeric strings instead of the documented ints.
+        self.department_ids_as_strings = False
         self.faults = Faults()
         self.requests: list[RecordedRequest] = []
         self._rng = random.Random(seed)
@@ -316,6 +427,10 @@ class FakePortal:
         self._issued: list[str] = []  # every token ever handed out, for leak checks
         self._tasks: dict[tuple[int, int, str], dict[str, tuple[int, int]]] = {}
         self._im: dict[int, dict[str, Any]] = {}
+        self._chats: dict[int, _Chat] = {}
+        self.messages: list[SentMessage] = []
+        self.notifications: list[SentNotification] = []
+        self._next_message_id = 1
         self._budgets: dict[tuple[str, str], _OperatingBudget] = {}
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
@@ -324,10 +439,15 @@ class FakePortal:
         self._handlers: dict[str, _Handler] = {
             "profile": self._profile,
             "user.current": self._user_current,
+            "department.get": self._department_get,
             "user.get": self._user_get,
             "im.counters.get": self._im_counters_get,
             "tasks.task.counters.get": self._task_counters_get,
             "batch": self._batch,
+            "scope": self._scope,
+            "im.message.add": self._message_add,
+            "im.notify.system.add": partial(self._notify_add, kind="system"),
+            "im.notify.personal.add": partial(self._notify_add, kind="personal"),
         }
         self.app = web.Application()
         for http_method in ("GET", "POST"):
@@ -350,15 +470,26 @@ class FakePortal:
         self._im_payload(user.id)
         return user
 
-    def add_webhook(self, user_id: int, secret: str) -> str:
-        """Create an incoming webhook for an existing user; returns `/rest/{user_id}/{secret}/`."""
+    def add_webhook(
+        self, user_id: int, secret: str, *, scopes: tuple[str, ...] = DEFAULT_SCOPES
+    ) -> str:
+        """Create an incoming webhook for an existing user; returns `/rest/{user_id}/{secret}/`.
+
+        `scopes` are the ones ticked on the webhook.
+        """
         if user_id not in self.users:
             raise ValueError(f"add_webhook: no user {user_id}; add_user first")
-        self._webhooks[secret] = _Webhook(user_id)
+        self._webhooks[secret] = _Webhook(user_id, scopes=frozenset(scopes))
         return f"/rest/{user_id}/{secret}/"
 
     def add_oauth_app(
-        self, client_id: str, client_secret: str, user_id: int, *, access_ttl: float = 3600.0
+        self,
+        client_id: str,
+        client_secret: str,
+        user_id: int,
+        *,
+        access_ttl: float = 3600.0,
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
     ) -> str:
         """Install a local application for an existing user; returns its first refresh token.
 
@@ -369,7 +500,9 @@ class FakePortal:
             raise ValueError(f"add_oauth_app: no user {user_id}; add_user first")
         # member_id names the portal, so every app of one portal shares it.
         member_id = random.Random(f"{self.seed}:member").getrandbits(128)
-        self._apps[client_id] = _OAuthApp(client_secret, user_id, access_ttl, f"{member_id:032x}")
+        self._apps[client_id] = _OAuthApp(
+            client_secret, user_id, access_ttl, f"{member_id:032x}", frozenset(scopes)
+        )
         return self.issue_refresh_token(client_id)
 
     def issue_refresh_token(self, client_id: str) -> str:
@@ -423,6 +556,21 @@ class FakePortal:
     def set_im_counters(self, user_id: int, payload: dict[str, Any]) -> None:
         """Set the whole `im.counters.get` result for this user."""
         self._im[user_id] = copy.deepcopy(payload)
+
+    def add_chat(
+        self, chat_id: int, members: tuple[int, ...], *, group_id: int | None = None
+    ) -> str:
+        """A group chat the `members` may write to; returns its DIALOG_ID (`chatN`).
+
+        With `group_id` it is that workgroup's chat, also reachable as `sg{group_id}`.
+        """
+        self._chats[chat_id] = _Chat(set(members), group_id)
+        return f"chat{chat_id}"
+
+    def add_department(self, department: FakeDepartment) -> FakeDepartment:
+        """Add a department; `department.get` lists the active ones, parents first."""
+        self.departments[department.id] = department
+        return department
 
     def add_group(self, group_id: int) -> None:
         """Make `groupId` valid for `tasks.task.counters.get`."""
@@ -558,7 +706,7 @@ class FakePortal:
             hook = self._webhooks.get(secret)
             if hook is None or hook.revoked or str(hook.user_id) != request.match_info["user_id"]:
                 raise _ApiError.of(401, _INVALID_CREDENTIALS)
-            return Credential(user_id=hook.user_id, budget_key=f"webhook:{secret}")
+            return Credential(hook.user_id, f"webhook:{secret}", hook.scopes)
         token = _access_token(request, params)
         if token is None:
             raise _ApiError.of(401, _NO_AUTH)
@@ -568,7 +716,8 @@ class FakePortal:
         if issued.expires <= time.time():
             raise _ApiError.of(401, _EXPIRED_TOKEN)
         # The real limiter keys OAuth calls by application, whichever user's token it is.
-        return Credential(user_id=issued.user_id, budget_key=f"app:{issued.client_id}")
+        app = self._apps[issued.client_id]
+        return Credential(issued.user_id, f"app:{issued.client_id}", app.scopes)
 
     # ---- the OAuth server -------------------------------------------------------------------
 
@@ -611,7 +760,7 @@ class FakePortal:
             "access_token": access,
             "expires": int(now + app.access_ttl),
             "expires_in": int(app.access_ttl),
-            "scope": "im,task,user",
+            "scope": ",".join(sorted(app.scopes)),
             "domain": base.split("://", 1)[1],
             "server_endpoint": f"{base}/rest/",
             "status": "L",  # a local application
@@ -630,6 +779,9 @@ class FakePortal:
         handler = self._handlers.get(method)
         if handler is None:
             raise _ApiError.of(404, _METHOD_NOT_FOUND)
+        needed = _METHOD_SCOPES.get(method)
+        if needed is not None and credential.scopes.isdisjoint(needed):
+            raise _ApiError.of(401, _INSUFFICIENT_SCOPE)
         loop_now = self.clock()
         started = time.time()
         # `batch` is exempt from the limiter; its commands are charged one by one.
@@ -691,7 +843,7 @@ class FakePortal:
         )
 
     def _user_current(self, credential: Credential, params: dict[str, Any]) -> _Result:
-        return _Result(_user_record(self._caller(credential)))
+        return _Result(self._user_row(self._caller(credential)))
 
     def _user_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
         self._caller(credential)
@@ -707,11 +859,49 @@ class FakePortal:
         start = _php_intval(query.get("START", 0))
         if start < 0:
             # start=-1 skips the count: no total, no next, first page only.
-            return _Result([_user_record(u) for u in users[:PAGE_SIZE]])
+            return _Result([self._user_row(u) for u in users[:PAGE_SIZE]])
         offset = start // PAGE_SIZE * PAGE_SIZE
-        page = [_user_record(u) for u in users[offset : offset + PAGE_SIZE]]
+        page = [self._user_row(u) for u in users[offset : offset + PAGE_SIZE]]
         following = offset + PAGE_SIZE
         return _Result(page, total=len(users), next=following if following < len(users) else None)
+
+    def _user_row(self, user: FakeUser) -> dict[str, Any]:
+        row = _user_record(user)
+        if self.department_ids_as_strings:
+            row["UF_DEPARTMENT"] = [str(d) for d in row["UF_DEPARTMENT"]]
+        return row
+
+    def _department_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        self._caller(credential)
+        # Filter keys are upper case and matched as written (the portal's own check is
+        # case-sensitive); `sort` and `order` are lower case, `START` pages.
+        raw = params.get("FILTER")
+        conditions = raw if isinstance(raw, dict) else params
+        rows = [d for d in self._tree_order() if d.active and _department_matches(d, conditions)]
+        sort = params.get("sort")
+        if isinstance(sort, str) and sort.upper() in _DEPARTMENT_FIELDS:
+            descending = str(params.get("order", "ASC")).upper() == "DESC"
+            rows.sort(key=lambda d: _department_sort_key(d, sort.upper()), reverse=descending)
+        start = params.get("START", params.get("start", 0))
+        offset = max(0, _php_intval(start)) // PAGE_SIZE * PAGE_SIZE
+        page = [_department_record(d) for d in rows[offset : offset + PAGE_SIZE]]
+        following = offset + PAGE_SIZE
+        return _Result(page, total=len(rows), next=following if following < len(rows) else None)
+
+    def _tree_order(self) -> list[FakeDepartment]:
+        """Every department, each parent before its children (Bitrix24's default order)."""
+        children: dict[int | None, list[FakeDepartment]] = {}
+        for department in self.departments.values():
+            parent = department.parent if department.parent in self.departments else None
+            children.setdefault(parent, []).append(department)
+        ordered: list[FakeDepartment] = []
+        stack = sorted(children.get(None, []), key=lambda d: (d.sort, d.id), reverse=True)
+        while stack:
+            department = stack.pop()
+            ordered.append(department)
+            below = sorted(children.get(department.id, []), key=lambda d: (d.sort, d.id))
+            stack.extend(reversed(below))
+        return ordered
 
     def _im_counters_get(self, credential: Credential, params: dict[str, Any]) -> _Result:
         # No user parameter exists: the handler always reads the caller's own counters.
@@ -726,7 +916,7 @@ class FakePortal:
         if group_id > 0 and group_id not in self.groups:
             raise _ApiError(400, "0", _GROUP_DENIED)
         target = user_id or caller.id
-        if target != caller.id and not caller.admin:
+        if target != caller.id and (not caller.admin or target in self.no_access_users):
             return _Result([])
         if target not in self.users or role not in ROLES:
             return _Result([])
@@ -736,6 +926,94 @@ class FakePortal:
         }
         # The built-in `total` counter collides with the envelope's `total` and becomes 1.
         return _Result(result, total=1)
+
+    def _message_add(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        """`im.message.add` as im_rest.php `messageAdd` checks it, recorded in `messages`."""
+        caller = self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        message = _message_text(query)
+        dialog = str(query.get("DIALOG_ID", "")).strip()
+        chat_id: int | None = None
+        to_user: int | None = None
+        if _CHAT_DIALOG_RE.match(dialog):
+            chat_id = self._chat_of(dialog)
+            if chat_id <= 0:
+                raise _ApiError.of(400, _CHAT_ID_EMPTY)
+            chat = self._chats.get(chat_id)
+            # An unknown chatN is not told apart from a chat the caller may not write to.
+            if chat is None or caller.id not in chat.members:
+                raise _ApiError.of(403, _CHAT_FORBIDDEN)
+        elif dialog:
+            to_user = _php_intval(dialog)
+            if to_user <= 0:
+                raise _ApiError.of(400, _USER_ID_EMPTY)
+            if to_user not in self.users:
+                raise _ApiError.of(400, _USER_NOT_FOUND)
+        else:
+            raise _ApiError.of(400, _PARAMS_ERROR)
+        if len(message) > MESSAGE_MAX_LENGTH:
+            message = message[:MESSAGE_MAX_LENGTH] + " (...)"
+        sent = SentMessage(
+            id=self._new_message_id(),
+            dialog_id=dialog,
+            chat_id=chat_id,
+            to_user_id=to_user,
+            from_user_id=caller.id,
+            message=message,
+            url_preview=str(query.get("URL_PREVIEW", "Y")) != "N",
+            system=str(query.get("SYSTEM", "N")) == "Y",
+        )
+        self.messages.append(sent)
+        return _Result(sent.id)
+
+    def _chat_of(self, dialog: str) -> int:
+        lowered = dialog.lower()
+        if lowered.startswith("sg"):
+            group = int(lowered[2:])
+            return next((i for i, c in self._chats.items() if c.group_id == group), 0)
+        if lowered.startswith("crm"):
+            return 0
+        return int(lowered[4:])
+
+    def _notify_add(self, credential: Credential, params: dict[str, Any], *, kind: str) -> _Result:
+        """`im.notify.system.add` / `.personal.add` (im_rest.php `notifyAdd`).
+
+        TAG is recorded but de-duplicates nothing: the real portal applies TAG and SUB_TAG
+        only to OAuth applications, never to webhooks.
+        """
+        caller = self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        user_id = _php_intval(query.get("TO", query.get("USER_ID")))
+        if user_id <= 0:
+            raise _ApiError.of(400, _USER_ID_EMPTY)
+        message = _message_text(query)
+        user = self.users.get(user_id)
+        if user is None or not user.active:
+            # CIMNotify::Add fails for a user it cannot find and the method passes its
+            # `false` on as the result.
+            return _Result(False)
+        sent = SentNotification(
+            id=self._new_message_id(),
+            user_id=user_id,
+            from_user_id=0 if kind == "system" else caller.id,
+            kind=kind,
+            message=message,
+            tag=str(query.get("TAG", "")),
+        )
+        self.notifications.append(sent)
+        return _Result(sent.id)
+
+    def _new_message_id(self) -> int:
+        self._next_message_id += 1
+        return self._next_message_id - 1
+
+    def _scope(self, credential: Credential, params: dict[str, Any]) -> _Result:
+        # No scope needed; full=true lists every scope the portal knows instead.
+        self._caller(credential)
+        query = {str(k).upper(): v for k, v in params.items()}
+        if query.get("FULL") in (True, 1, "true", "Y", "1"):
+            return _Result(list(_ALL_SCOPES))
+        return _Result(sorted(credential.scopes))
 
     def _batch(self, credential: Credential, params: dict[str, Any]) -> _Result:
         query = {str(k).upper(): v for k, v in params.items()}
@@ -821,8 +1099,22 @@ def _loop_time() -> float:
     return asyncio.get_running_loop().time()
 
 
+# The demo company: four levels, a department without a head (Support, Key Accounts).
+DEMO_DEPARTMENTS: Final = (
+    FakeDepartment(1, "Acme", None, head=1),
+    FakeDepartment(2, "Sales", 1, head=2),
+    FakeDepartment(3, "Support", 1),
+    FakeDepartment(4, "Field Sales", 2, head=3),
+    FakeDepartment(5, "R&D", 1, head=5),
+    FakeDepartment(6, "Key Accounts", 4),
+)
+# Who is where; user 3 is in two departments. Later users go round the departments.
+_DEMO_MEMBERSHIPS: Final = {1: (1,), 2: (2,), 3: (4, 3), 4: (6,), 5: (5,), 6: (3,)}
+
+
 def demo_portal(*, users: int = 6, seed: int = 1) -> tuple[FakePortal, str]:
-    """A portal with named users (user 1 is admin) and non-zero counters.
+    """A portal with named users (user 1 is admin), non-zero counters and the
+    `DEMO_DEPARTMENTS` tree.
 
     Returns the portal and the webhook path of user 1. Rate limits are the standard plan's.
     """
@@ -839,11 +1131,16 @@ def demo_portal(*, users: int = 6, seed: int = 1) -> tuple[FakePortal, str]:
     portal = FakePortal(seed=seed)
     rng = random.Random(seed)
     portal.add_group(7)
+    for department in DEMO_DEPARTMENTS:
+        portal.add_department(copy.copy(department))
     for user_id in range(1, users + 1):
         name, last_name = (
             names[user_id - 1] if user_id <= len(names) else (f"User{user_id}", "Demo")
         )
-        portal.add_user(FakeUser(user_id, name, last_name, admin=user_id == 1))
+        departments = _DEMO_MEMBERSHIPS.get(user_id) or (DEMO_DEPARTMENTS[user_id % 6].id,)
+        portal.add_user(
+            FakeUser(user_id, name, last_name, admin=user_id == 1, departments=departments)
+        )
         for role in ROLES:
             portal.set_task_counters(
                 user_id,
@@ -1066,6 +1363,17 @@ def _php_int_arg(value: Any, position: int, name: str, default: int) -> int:
     )
 
 
+def _message_text(query: dict[str, Any]) -> str:
+    """MESSAGE of im.message.add / im.notify.*: a non-empty string once trimmed."""
+    message = query.get("MESSAGE")
+    if message is not None and not isinstance(message, str):
+        raise _ApiError.of(400, _MESSAGE_TYPE)
+    text = (message or "").strip()
+    if not text:
+        raise _ApiError.of(400, _MESSAGE_EMPTY)
+    return text
+
+
 def _user_record(user: FakeUser) -> dict[str, Any]:
     return {
         "ID": str(user.id),
@@ -1074,8 +1382,50 @@ def _user_record(user: FakeUser) -> dict[str, Any]:
         "LAST_NAME": user.last_name,
         "SECOND_NAME": "",
         "USER_TYPE": user.user_type,
-        "UF_DEPARTMENT": [1] if user.user_type == "employee" else [],
+        "UF_DEPARTMENT": list(user.departments) if user.user_type == "employee" else [],
     }
+
+
+def _department_record(department: FakeDepartment) -> dict[str, Any]:
+    # Only set fields are copied: no PARENT on the root, no UF_HEAD without a head; ids
+    # are strings and SORT an int, as the real portal sends them.
+    row: dict[str, Any] = {"ID": str(department.id), "NAME": department.name}
+    row["SORT"] = department.sort
+    if department.parent is not None:
+        row["PARENT"] = str(department.parent)
+    if department.head is not None:
+        row["UF_HEAD"] = str(department.head)
+    return row
+
+
+_DEPARTMENT_FIELDS: Final = ("ID", "NAME", "SORT", "PARENT", "UF_HEAD")
+
+
+def _department_matches(department: FakeDepartment, conditions: dict[str, Any]) -> bool:
+    fields = {
+        "ID": department.id,
+        "NAME": department.name,
+        "SORT": department.sort,
+        "PARENT": department.parent,
+        "UF_HEAD": department.head,
+    }
+    for key, value in fields.items():
+        if key not in conditions:
+            continue
+        wanted = conditions[key]
+        if isinstance(wanted, dict):
+            wanted = list(wanted.values())
+        options = wanted if isinstance(wanted, list) else [wanted]
+        if str(value if value is not None else "") not in {str(o).strip() for o in options}:
+            return False
+    return True
+
+
+def _department_sort_key(department: FakeDepartment, field_name: str) -> tuple[int, str]:
+    if field_name == "NAME":
+        return (0, department.name)
+    numbers = {"ID": department.id, "SORT": department.sort, "PARENT": department.parent}
+    return (numbers.get(field_name, department.head) or 0, "")
 
 
 def _user_matches(user: FakeUser, conditions: dict[str, Any]) -> bool:

@@ -11,15 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from exporter.failures import NoAccess as NoAccess
+from exporter.failures import PayloadError as PayloadError
 from exporter.metrics import IM_CHAT_UNREAD, IM_UNREAD, TASKS, Family
-
-
-class PayloadError(ValueError):
-    """A response whose shape the exporter cannot read; the text says what was wrong."""
-
-
-class NoAccess(LookupError):
-    """`result: []`: no permission for that user, an unknown user, or an unknown role."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,10 +36,21 @@ class Profile:
 
 @dataclass(frozen=True, slots=True)
 class UserRecord:
-    """One user from `user.get`."""
+    """One user from `user.get`, with the departments the user is directly in."""
 
     user_id: int
     name: str
+    departments: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DepartmentRecord:
+    """One department from `department.get`; `parent` and `head` are None where unset."""
+
+    department_id: int
+    name: str
+    parent: int | None
+    head: int | None
 
 
 def to_number(value: object) -> float | None:
@@ -187,8 +192,63 @@ def parse_users(result: object) -> list[UserRecord]:
             continue
         user_id = to_user_id(record.get("ID"))
         if user_id is not None:
-            users.append(UserRecord(user_id=user_id, name=_full_name(record)))
+            departments = parse_user_departments(record.get("UF_DEPARTMENT"))
+            users.append(UserRecord(user_id, _full_name(record), departments))
     return users
+
+
+def parse_user_departments(value: object) -> tuple[int, ...]:
+    """The department ids of a user's `UF_DEPARTMENT`: ints in the docs, numeric strings
+    accepted, duplicates and unusable entries dropped, missing or empty for extranet users.
+
+    >>> parse_user_departments([1, "15", " 15", "x", 0])
+    (1, 15)
+    >>> parse_user_departments(None), parse_user_departments(False), parse_user_departments(7)
+    ((), (), (7,))
+    """
+    items = value if isinstance(value, list) else [value]
+    found: list[int] = []
+    for item in items:
+        department_id = to_user_id(item)  # the same rule: a positive int or numeric string
+        if department_id is not None and department_id not in found:
+            found.append(department_id)
+    return tuple(found)
+
+
+def parse_departments(result: object) -> list[DepartmentRecord]:
+    """Departments of one `department.get` page; rows without a usable ID are skipped.
+
+    `ID`, `PARENT` and `UF_HEAD` arrive as strings; the root has no `PARENT` and a
+    department without a head no `UF_HEAD` (Bitrix24 copies only the fields that are set).
+
+    >>> parse_departments([{"ID": "1", "NAME": "Acme"},
+    ...                    {"ID": "15", "NAME": "R&D", "SORT": 500, "PARENT": "1", "UF_HEAD": "7"}])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    [DepartmentRecord(department_id=1, name='Acme', parent=None, head=None),
+     DepartmentRecord(department_id=15, name='R&D', parent=1, head=7)]
+    """
+    if isinstance(result, dict) and not result:
+        return []  # PHP's empty array, on a portal without departments
+    if not isinstance(result, list):
+        raise PayloadError(f"department.get result must be a list, got {type(result).__name__}")
+    departments: list[DepartmentRecord] = []
+    for row in result:
+        if not isinstance(row, dict):
+            continue
+        department_id = to_user_id(row.get("ID"))
+        if department_id is None:
+            continue
+        name = row.get("NAME")
+        parent = to_user_id(row.get("PARENT"))
+        departments.append(
+            DepartmentRecord(
+                department_id,
+                name.strip() if isinstance(name, str) else "",
+                parent if parent != department_id else None,
+                to_user_id(row.get("UF_HEAD")),
+            )
+        )
+    return departments
 
 
 def _full_name(record: dict[str, object]) -> str:

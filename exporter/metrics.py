@@ -55,6 +55,56 @@ USER_INFO = Family(
     "gauge",
     ("portal", "user_id", "name"),
 )
+DEPARTMENT_INFO = Family(
+    "bitrix24_department_info",
+    "An active department from department.get: its name, its parent (empty for the root) and"
+    " its head's user id (empty where it has none); always 1." + CACHED,
+    "gauge",
+    ("portal", "department_id", "name", "parent_id", "head_user_id"),
+)
+USER_DEPARTMENT = Family(
+    "bitrix24_user_department",
+    "A watched user is directly in this department (UF_DEPARTMENT of user.get); always 1." + CACHED,
+    "gauge",
+    ("portal", "user_id", "department_id"),
+)
+DEPARTMENT_TASKS = Family(
+    "bitrix24_department_tasks",
+    "Sum of bitrix24_tasks over the watched users in the department and all its"
+    " sub-departments, each user once; users whose task counters are not exported do not"
+    " count (see bitrix24_department_users)." + CACHED,
+    "gauge",
+    ("portal", "department_id", "group_id", "role", "counter"),
+)
+DEPARTMENT_IM_UNREAD = Family(
+    "bitrix24_department_im_unread",
+    "Sum of bitrix24_im_unread over the watched users in the department and all its"
+    " sub-departments, each user once. The kinds overlap: never sum them." + CACHED,
+    "gauge",
+    ("portal", "department_id", "counter"),
+)
+DEPARTMENT_USERS = Family(
+    "bitrix24_department_users",
+    "How many users the department sums of a source cover (source tasks:"
+    " bitrix24_department_tasks, im: bitrix24_department_im_unread), for averages per"
+    " person." + CACHED,
+    "gauge",
+    ("portal", "department_id", "source"),
+)
+COLLECT_USERS = Family(
+    "bitrix24_collect_users",
+    "How many users a source fetches counters for (tasks: the watched users; im: the"
+    " credentials' own users).",
+    "gauge",
+    ("portal", "source"),
+)
+COLLECT_SUCCESS_USERS = Family(
+    "bitrix24_collect_success_users",
+    "How many of bitrix24_collect_users the last poll cycle fetched successfully (the"
+    " per-portal count of bitrix24_collect_success, which privacy mode aggregate leaves out).",
+    "gauge",
+    ("portal", "source"),
+)
 UP = Family(
     "bitrix24_up",
     "1 if the last poll cycle reached the portal and authenticated, 0 otherwise.",
@@ -63,7 +113,8 @@ UP = Family(
 )
 COLLECT_SUCCESS = Family(
     "bitrix24_collect_success",
-    "1 if the last poll cycle fetched this user's counters from this source (im or tasks).",
+    "1 if the last poll cycle fetched this user's counters from this source (the Bitrix24"
+    " method: tasks, im).",
     "gauge",
     ("portal", "user_id", "source"),
 )
@@ -154,21 +205,39 @@ RELOAD_TIME = Family(
     (),
 )
 
+ALERT_NOTIFICATIONS = Family(
+    "bitrix24_alert_notifications",
+    "Alertmanager notifications received by an alert receiver (POST /alerts/{receiver}),"
+    " by status (firing, resolved); retries and repeats count again.",
+    "counter",
+    ("receiver", "status"),
+)
+ALERT_DELIVERIES = Family(
+    "bitrix24_alert_deliveries",
+    "Sends of alert notifications into Bitrix24 by an alert receiver, by target (chat: the"
+    " chat message, user: a personal notification) and outcome (ok, failed, duplicate: not"
+    " sent again because it was delivered within the window).",
+    "counter",
+    ("receiver", "target", "outcome"),
+)
+
 # Histogram buckets for request durations: Bitrix24 answers in tens of milliseconds to
 # tens of seconds (a cloud request may run for at most 60 s).
 DURATION_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# Order in which portal-scoped families appear in the exposition.
-PORTAL_FAMILIES: tuple[Family, ...] = (
+# Order in which portal-scoped families appear in the exposition: these, then each source's
+# families (exporter.sources.source_families), then the client's own.
+PORTAL_HEAD_FAMILIES: tuple[Family, ...] = (
     UP,
     POLL_DURATION,
     POLL_BEHIND,
+    COLLECT_USERS,
+    COLLECT_SUCCESS_USERS,
     COLLECT_SUCCESS,
     LAST_SUCCESS,
     USER_INFO,
-    TASKS,
-    IM_UNREAD,
-    IM_CHAT_UNREAD,
+)
+PORTAL_TAIL_FAMILIES: tuple[Family, ...] = (
     API_REQUESTS,
     API_ERRORS,
     API_REQUEST_DURATION,

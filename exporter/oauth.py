@@ -47,8 +47,9 @@ from typing import Any, Final
 
 import aiohttp
 
-from exporter.bitrix import BitrixError
 from exporter.config import OAuthAuth
+from exporter.failures import BitrixError, Code
+from exporter.filestamp import FileStamp, file_stamp
 from exporter.logs import add_secrets
 
 __all__ = ["TOKEN_METHOD", "OAuthCredential", "TokenState", "read_state", "write_state"]
@@ -60,8 +61,6 @@ TOKEN_METHOD: Final = "oauth.token"
 
 # Without `expires_in` the documented lifetime is the best guess (docs/bitrix24.md §1).
 _DEFAULT_LIFETIME: Final = 3600.0
-
-_Stamp = tuple[int, int, int]  # (inode, size, mtime_ns) of the state file
 
 
 @dataclass(frozen=True)
@@ -155,7 +154,7 @@ class _Halt:
     """Why token requests are paused: until `until` (unix time), or while `stamp` holds."""
 
     error: BitrixError
-    stamp: _Stamp | None = None  # the state file when the halt began (None: no file)
+    stamp: FileStamp | None = None  # the state file when the halt began (None: no file)
     until: float | None = None  # None: until the state file or the config changes
 
 
@@ -257,7 +256,7 @@ class OAuthCredential:
         """Load the state file once, honour a halt, and save a pending rotated pair."""
         halt = self._halt
         if halt is not None and halt.until is None:
-            if _stamp(self.auth.state_file) == halt.stamp:
+            if file_stamp(self.auth.state_file) == halt.stamp:
                 raise _copy(halt.error)
             log.info(
                 "portal %s: OAuth state file %s changed, trying it",
@@ -277,11 +276,11 @@ class OAuthCredential:
             state = read_state(path)
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise self._stop("state_file", f"cannot read state file {path}: {reason}") from None
+            raise self._stop(Code.STATE_FILE, f"cannot read state file {path}: {reason}") from None
         if state is None:
             if not self.auth.refresh_token:
                 raise self._stop(
-                    "no_refresh_token",
+                    Code.NO_REFRESH_TOKEN,
                     f"state file {path} does not exist and oauth.refresh_token is not set;"
                     " authorise the application and set oauth.refresh_token",
                 )
@@ -330,20 +329,24 @@ class OAuthCredential:
                 status = response.status
                 raw = await response.read()
         except TimeoutError:
-            raise self._pause("timeout", "no answer from the OAuth server in time", None) from None
+            raise self._pause(
+                Code.TIMEOUT, "no answer from the OAuth server in time", None
+            ) from None
         except aiohttp.ClientError as exc:
-            raise self._pause("connection", f"{type(exc).__name__}: {exc}", None) from None
+            raise self._pause(Code.CONNECTION, f"{type(exc).__name__}: {exc}", None) from None
         try:
             body = json.loads(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise self._pause("invalid_response", "the OAuth server's answer is not JSON", status)
+            raise self._pause(
+                Code.INVALID_RESPONSE, "the OAuth server's answer is not JSON", status
+            )
         if "error" in body:
             raise self._refused(str(body["error"]), str(body.get("error_description", "")), status)
         access, refresh = body.get("access_token"), body.get("refresh_token")
         if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
-            raise self._pause("invalid_response", "the answer has no token pair", status)
+            raise self._pause(Code.INVALID_RESPONSE, "the answer has no token pair", status)
         add_secrets(access, refresh)
         lifetime = _lifetime(body)
         # expires_in on our own clock rather than the server's `expires`: a skewed clock
@@ -375,7 +378,7 @@ class OAuthCredential:
             raise BitrixError(
                 self.portal,
                 TOKEN_METHOD,
-                "state_file",
+                Code.STATE_FILE,
                 f"cannot write state file {path}: {reason}; the new refresh token is held"
                 " in memory only and is written as soon as the file can be written",
             ) from None
@@ -403,7 +406,7 @@ class OAuthCredential:
     def _stop(self, code: str, description: str, status: int | None = None) -> BitrixError:
         """Stop asking the OAuth server until the state file or the config changes."""
         error = BitrixError(self.portal, TOKEN_METHOD, code, self._redact(description), status)
-        self._halt = _Halt(error, stamp=_stamp(self.auth.state_file))
+        self._halt = _Halt(error, stamp=file_stamp(self.auth.state_file))
         return _copy(error)
 
     def _pause(self, code: str, description: str, status: int | None) -> BitrixError:
@@ -425,14 +428,6 @@ class OAuthCredential:
 def _copy(error: BitrixError) -> BitrixError:
     # A new exception per raise: re-raising one instance would grow its traceback forever.
     return BitrixError(error.portal, error.method, error.error, error.description, error.status)
-
-
-def _stamp(path: str) -> _Stamp | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _lifetime(body: Mapping[str, Any]) -> float:

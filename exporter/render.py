@@ -13,8 +13,8 @@ import asyncio
 import gzip
 import logging
 import platform
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
@@ -23,8 +23,14 @@ from prometheus_client.openmetrics.exposition import generate_latest as _untyped
 from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
 from exporter import __version__, metrics
-from exporter.metrics import DURATION_BUCKETS, PORTAL_FAMILIES, Family
-from exporter.poller import PortalSnapshot
+from exporter.metrics import (
+    DURATION_BUCKETS,
+    PORTAL_HEAD_FAMILIES,
+    PORTAL_TAIL_FAMILIES,
+    Family,
+)
+from exporter.snapshot import PortalSnapshot
+from exporter.sources import source_families
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +59,20 @@ class ExporterInfo:
     shard: tuple[int, int] | None = None
     reload_successful: bool = True
     reload_timestamp: float | None = None
+    # Counter families kept outside the portals (the alert receivers'): label values ->
+    # count, updated in place on the event loop.
+    counters: dict[Family, Mapping[tuple[str, ...], float]] = field(default_factory=dict)
 
 
+PORTAL_FAMILIES = (*PORTAL_HEAD_FAMILIES, *source_families(), *PORTAL_TAIL_FAMILIES)
 GLOBAL_FAMILIES = (
     metrics.BUILD_INFO,
     metrics.SHARD,
     metrics.POLL_INTERVAL,
     metrics.RELOAD_OK,
     metrics.RELOAD_TIME,
+    metrics.ALERT_NOTIFICATIONS,
+    metrics.ALERT_DELIVERIES,
 )
 
 
@@ -110,6 +122,12 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
             lines[metrics.LAST_SUCCESS].append(
                 _line(metrics.LAST_SUCCESS.name, metrics.LAST_SUCCESS, key, status.last_success)
             )
+    for health in snap.health:
+        for family, count in (
+            (metrics.COLLECT_USERS, health.users),
+            (metrics.COLLECT_SUCCESS_USERS, health.succeeded),
+        ):
+            lines[family].append(_line(family.name, family, (p, health.source), float(count)))
     for user_id, name in snap.user_names:
         lines[metrics.USER_INFO].append(
             _line(metrics.USER_INFO.name, metrics.USER_INFO, (p, str(user_id), name), 1.0)
@@ -179,6 +197,12 @@ def global_blocks(info: ExporterInfo) -> dict[Family, str]:
         blocks[metrics.RELOAD_TIME] = _line(
             metrics.RELOAD_TIME.name, metrics.RELOAD_TIME, (), info.reload_timestamp
         )
+    for family, counts in info.counters.items():
+        rows = sorted(counts.items())
+        if rows:
+            blocks[family] = "".join(
+                _line(family.name + "_total", family, labels, count) for labels, count in rows
+            )
     return blocks
 
 
@@ -230,6 +254,8 @@ class Publisher:
     current: Exposition | None = None
     # Portals whose snapshot is in `current` (readiness means "on /metrics", not "polled").
     rendered: frozenset[str] = frozenset()
+    # Called with every published snapshot, on the event loop (the status page's history).
+    listeners: list[Callable[[PortalSnapshot], None]] = field(default_factory=list)
     _blocks: dict[str, dict[Family, str]] = field(default_factory=dict)
     _dirty: set[str] = field(default_factory=set)
     _stale: bool = False
@@ -243,6 +269,8 @@ class Publisher:
         self.snapshots[snapshot.name] = snapshot
         self._dirty.add(snapshot.name)
         self._changed.set()
+        for listener in self.listeners:
+            listener(snapshot)
 
     def remove(self, portal: str) -> None:
         self.snapshots.pop(portal, None)
@@ -268,6 +296,14 @@ class Publisher:
         self._stale = False
         return {name: self.snapshots[name] for name in dirty if name in self.snapshots}
 
+    def _info_now(self) -> ExporterInfo:
+        """`info` with its counters copied here on the event loop: the worker thread that
+        renders must see them as they are now, not half-way through an update."""
+        counters: dict[Family, Mapping[tuple[str, ...], float]] = {
+            family: dict(counts) for family, counts in self.info.counters.items()
+        }
+        return replace(self.info, counters=counters)
+
     def _ordered_blocks(self) -> list[dict[Family, str]]:
         return [self._blocks[name] for name in sorted(self._blocks)]
 
@@ -286,7 +322,7 @@ class Publisher:
             self._blocks.update(fresh)
             names = frozenset(self._blocks)
             self.current = await loop.run_in_executor(
-                None, assemble, self._ordered_blocks(), self.info
+                None, assemble, self._ordered_blocks(), self._info_now()
             )
             self.rendered = names
 

@@ -1,4 +1,4 @@
-"""The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/` and the exporter's lifecycle.
+"""The HTTP side: `/metrics`, `/healthz`, `/readyz`, `/`, `/alerts/{name}` and the lifecycle.
 
 `/metrics` hands out bytes the publisher rendered after the last poll cycle; no request
 here ever waits on Bitrix24 or renders metrics. A `cleanup_ctx` opens the HTTP session,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import html
 import logging
 import signal
 import time
@@ -20,9 +19,12 @@ from aiohttp import web
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
 from exporter import __version__
+from exporter.alerts.wiring import ALERT_ROUTES, add_alert_routes
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
 from exporter.render import ExporterInfo, Publisher
+from exporter.statusbook import StatusBook
+from exporter.statuspage import render_page
 from exporter.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 PUBLISHER = web.AppKey("publisher", Publisher)
-CONFIG = web.AppKey("config", Config)
+STATUS_BOOK = web.AppKey("status_book", StatusBook)
 LOADER: web.AppKey[Callable[[], Config]] = web.AppKey("loader")
 
 
@@ -97,6 +99,8 @@ async def reload_config(app: web.Application) -> tuple[bool, str]:
             log.error("reload failed, keeping the running config: %s", problem)
         return False, str(error)
     await app[SUPERVISOR].apply(config)
+    if ALERT_ROUTES in app:
+        app[ALERT_ROUTES].apply(config.alert_receivers)
     publisher.info.reload_successful = True
     publisher.info.reload_timestamp = time.time()
     publisher.touch()
@@ -111,36 +115,24 @@ async def reload_handler(request: web.Request) -> web.Response:
 
 
 async def landing_handler(request: web.Request) -> web.Response:
+    """The status page: built from what is in memory, so it never waits on Bitrix24."""
     supervisor = request.app[SUPERVISOR]
-    snapshots = request.app[PUBLISHER].snapshots
-    rows = []
-    for name in sorted(supervisor.pollers):
-        snap = snapshots.get(name)
-        if snap is None:
-            state, detail = "starting", "first cycle running"
-        else:
-            state = "up" if snap.up else "down"
-            ok = sum(1 for s in snap.statuses if s.success)
-            detail = f"{ok}/{len(snap.statuses)} fetches ok, cycle {snap.duration or 0:.1f}s"
-            if snap.error:
-                detail += f"; {snap.error}"
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{state}</td><td>{html.escape(detail)}</td></tr>"
-        )
-    page = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Bitrix24 exporter</title></head>
-<body><h1>Bitrix24 exporter</h1>
-<p>Version {html.escape(__version__)}. Counters are polled in the background every
-{supervisor.config.poll_interval:g}s; scrapes serve the last poll.</p>
-<ul><li><a href="metrics">Metrics</a></li><li><a href="healthz">Health</a></li>
-<li><a href="readyz">Readiness</a></li></ul>
-<table border="1" cellpadding="4"><tr><th>Portal</th><th>State</th><th>Last cycle</th></tr>
-{"".join(rows)}
-</table></body></html>
-"""
+    publisher = request.app[PUBLISHER]
+    book = request.app[STATUS_BOOK]
+    running = supervisor.pollers
+    book.forget(running)
+    view = book.view(
+        portals=[poller.portal for poller in running.values()],
+        snapshots=publisher.snapshots,
+        poll_interval=supervisor.config.poll_interval,
+        version=__version__,
+        reload_ok=publisher.info.reload_successful,
+        reload_at=publisher.info.reload_timestamp,
+        shard=publisher.info.shard,
+    )
     # "replace": an error text from the portal may hold a lone surrogate ("\ud800" is valid
     # JSON), which strict UTF-8 cannot encode.
-    body = page.encode("utf-8", "replace")
+    body = render_page(view).encode("utf-8", "replace")
     return web.Response(body=body, content_type="text/html", charset="utf-8")
 
 
@@ -151,11 +143,23 @@ def build_app(
     loader: Callable[[], Config] | None = None,
     middlewares: tuple[Callable[..., Awaitable[web.StreamResponse]], ...] = (),
     shutdown_grace: float = 3.0,
+    basic_auth: Callable[[], bool] = lambda: False,
 ) -> web.Application:
-    """The exporter as an aiohttp application; polling starts with the app."""
+    """The exporter as an aiohttp application; polling starts with the app.
+
+    `basic_auth` tells whether the web config's basic auth protects every request now.
+    """
     app = web.Application(middlewares=list(middlewares))
-    app[CONFIG] = config
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
+    app[STATUS_BOOK] = StatusBook()
+    app[PUBLISHER].listeners.append(app[STATUS_BOOK].observe)
+    add_alert_routes(
+        app,
+        config.alert_receivers,
+        lambda: app.get(SUPERVISOR),
+        app[PUBLISHER],
+        basic_auth=basic_auth,
+    )
 
     if loader is not None:
         app[LOADER] = loader

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from exporter.config import Config, Portal
-from exporter.poller import PortalPoller
+from exporter.poller import Handover, PortalPoller
 from exporter.render import Publisher
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,22 @@ class Supervisor:
         for portal in self.config.portals:
             self._start(portal)
 
-    def _start(self, portal: Portal, previous: PortalPoller | None = None) -> None:
+    def _start(self, portal: Portal, handover: Handover | None = None) -> None:
         poller = self._factory(
-            portal, self.config, self._session, self.publisher.publish, previous=previous
+            portal, self.config, self._session, self.publisher.publish, handover=handover
         )
         task = asyncio.create_task(poller.run(), name=f"poll-{portal.name}")
         task.add_done_callback(self._crashed)
         self._running[portal.name] = _Running(portal, poller, task)
+
+    async def run_once(self) -> None:
+        """One cycle of every portal, each snapshot published (for --once)."""
+        pollers = [
+            self._factory(p, self.config, self._session, self.publisher.publish)
+            for p in self.config.portals
+        ]
+        for snapshot in await asyncio.gather(*(p.cycle() for p in pollers)):
+            self.publisher.publish(snapshot)
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -77,15 +86,15 @@ class Supervisor:
             config.request_timeout,
         ) or old.user_refresh_interval != config.user_refresh_interval
         wanted = {p.name: p for p in config.portals}
-        replaced: dict[str, PortalPoller] = {}
+        replaced: dict[str, Handover] = {}
         for name in list(self._running):
             running = self._running[name]
             if name not in wanted or wanted[name] != running.portal or global_change:
                 await self._stop(name, drop_series=name not in wanted)
-                replaced[name] = running.poller
+                replaced[name] = running.poller.handover()
         for name, portal in wanted.items():
             if name not in self._running:
-                self._start(portal, previous=replaced.get(name))
+                self._start(portal, handover=replaced.get(name))
         changed = sorted(n for n in replaced if n in wanted)
         log.info(
             "portals after reload: %d running; replaced: %s; removed: %s",
@@ -111,7 +120,7 @@ class Supervisor:
         """Stop polling; cycles in flight get `grace` seconds to finish their requests."""
         started = time.monotonic()
         for running in self._running.values():
-            running.poller.stopping = True
+            running.poller.stop()  # a sleeping poller ends at once, a busy one after its cycle
         tasks = [r.task for r in self._running.values()]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)

@@ -34,26 +34,25 @@ import base64
 import binascii
 import hmac
 import logging
-import os
 import re
 import secrets
 import ssl
 import tempfile
 import time
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import bcrypt
-import yaml
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
-from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode
 
-from exporter.config import ConfigError, parse_duration
+from exporter import yamlcheck
+from exporter.config import parse_duration
+from exporter.filestamp import FileStamp, file_stamp
+from exporter.yamlcheck import ConfigError, Node, Section, boolean, one_of, section, setting
 
 __all__ = [
     "CIPHER_SUITES",
@@ -145,49 +144,141 @@ HEADERS: Final[Mapping[str, tuple[str, ...]]] = {
     "X-XSS-Protection": (),
 }
 
-_TOP_KEYS: Final = ("tls_server_config", "http_server_config", "basic_auth_users", "rate_limit")
-_TLS_KEYS: Final = (
-    "cert_file",
-    "key_file",
-    "cert",
-    "key",
-    "client_ca_file",
-    "client_ca",
-    "client_auth_type",
-    "client_allowed_sans",
-    "min_version",
-    "max_version",
-    "cipher_suites",
-    "prefer_server_cipher_suites",
-    "curve_preferences",
-)
-_HTTP_KEYS: Final = ("http2", "headers")
-_RATE_LIMIT_KEYS: Final = ("interval", "burst")
-
 _BCRYPT_RE = re.compile(rb"\$2[abxy]?\$(\d\d)\$[./A-Za-z0-9]{53}")
 _BCRYPT_FORM = "a bcrypt hash like $2b$10$ followed by 53 characters"
+
+
+# --------------------------------------------------------------------------- checkers
+
+
+def _file(node: Node) -> Path:
+    if not isinstance(node.value, str) or not node.value.strip():
+        node.fail("must be a file path")
+    return yamlcheck.resolve_path(node.value.strip(), node.base_dir)
+
+
+def _pem(node: Node) -> str:
+    if not isinstance(node.value, str) or "-----BEGIN " not in node.value:
+        node.fail("must be PEM text (-----BEGIN ...)", shown=None)  # an inline key is a secret
+    return node.value
+
+
+def _client_auth_type(node: Node) -> str:
+    if node.value in ("RequireAnyClientCert", "RequireClientCert"):
+        node.fail(f"{node.value} {_REQUIRE_ANY}", shown=None)
+    return one_of(CLIENT_AUTH_TYPES)(node)
+
+
+def _client_allowed_sans(node: Node) -> tuple[str, ...]:
+    node.fail(
+        "is not supported: Python's ssl module has no hook to check a client"
+        " certificate's names during the handshake",
+        shown=None,
+    )
+
+
+def _cipher_suite(node: Node) -> str:
+    if not isinstance(node.value, str) or node.value not in CIPHER_SUITES:
+        node.fail(
+            "must be a cipher suite exporter-toolkit knows, such as"
+            " TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 (list: docs/web-config.md)"
+        )
+    return node.value
+
+
+def _cipher_suites(node: Node) -> tuple[str, ...]:
+    return yamlcheck.each(node, _cipher_suite, form="must be a list of strings", unique=False)
+
+
+def _curves(node: Node) -> tuple[str, ...]:
+    return yamlcheck.each(node, one_of(CURVES), form="must be a list of strings", unique=False)
+
+
+def _headers(node: Node) -> Mapping[str, str]:
+    headers: dict[str, str] = {}
+    ok = True
+    for name, item in node.entries("must be a mapping of header names to values"):
+        value = item.value
+        if not isinstance(name, str) or name not in HEADERS:
+            item.report(f"cannot be configured (allowed: {', '.join(HEADERS)})", shown=None)
+        elif value is None or value == "":
+            continue  # blank means unset, as documented by exporter-toolkit
+        elif not isinstance(value, str) or "\n" in value or "\r" in value:
+            item.report("must be a single-line string")
+        elif HEADERS[name] and value not in HEADERS[name]:
+            item.report(f"must be one of {', '.join(HEADERS[name])}")
+        else:
+            headers[name] = value
+            continue
+        ok = False
+    if not ok:
+        raise yamlcheck.Invalid
+    return headers
+
+
+def _users(node: Node) -> Mapping[str, bytes]:
+    # Hashes are never shown: someone may have put the password itself there.
+    if not isinstance(node.value, dict):
+        node.fail(
+            "must be a mapping of user names to bcrypt hashes", shown=yamlcheck.kind(node.value)
+        )
+    users: dict[str, bytes] = {}
+    for name, item in node.entries(""):
+        if not isinstance(name, str) or not name:
+            node.report("user names must be non-empty strings", shown=yamlcheck.show(name))
+            continue
+        if ":" in name:
+            item.report("a user name cannot contain ':' (Basic auth splits on it)", shown=None)
+            continue
+        raw = item.value.strip().encode("utf-8") if isinstance(item.value, str) else b""
+        match = _BCRYPT_RE.fullmatch(raw)
+        if match is None:
+            item.report(f"must be {_BCRYPT_FORM}", shown="a value that is not one")
+        elif not 4 <= int(match[1]) <= 31:
+            item.report(f"must be {_BCRYPT_FORM} with a cost from 4 to 31", shown=match[1].decode())
+        else:
+            users[name] = raw
+    if len(users) < len(node.value):
+        raise yamlcheck.Invalid
+    return users
+
+
+def _interval(node: Node) -> float:
+    try:
+        return parse_duration(node.value)
+    except ValueError:
+        node.fail("must be a duration like 100ms or 1s")
+
+
+def _burst(node: Node) -> int:
+    value = node.value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        node.fail("must be a positive integer when interval is set")
+    return value
 
 
 # --------------------------------------------------------------------------- dataclasses
 
 
-@dataclass(frozen=True)
+@section
 class TLSServerConfig:
     """`tls_server_config`; paths are already resolved against the web config's directory."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_ca_file: Path | None = None
+    cert_file: Path | None = setting(_file, default=None)
+    key_file: Path | None = setting(_file, default=None)
     # Inline PEM, as exporter-toolkit's `cert`, `key` and `client_ca`.
-    cert: str | None = field(default=None, repr=False)
-    key: str | None = field(default=None, repr=False)
-    client_ca: str | None = field(default=None, repr=False)
-    client_auth_type: str = "NoClientCert"
-    min_version: str = "TLS12"
-    max_version: str = "TLS13"
-    cipher_suites: tuple[str, ...] = ()
-    prefer_server_cipher_suites: bool = True
-    curve_preferences: tuple[str, ...] = ()
+    cert: str | None = setting(_pem, default=None, repr=False)
+    key: str | None = setting(_pem, default=None, repr=False)
+    client_ca_file: Path | None = setting(_file, default=None)
+    client_ca: str | None = setting(_pem, default=None, repr=False)
+    client_auth_type: str = setting(_client_auth_type, default="NoClientCert")
+    # exporter-toolkit's key, always refused: so never anything but empty.
+    client_allowed_sans: tuple[str, ...] = setting(_client_allowed_sans, default=())
+    min_version: str = setting(one_of(TLS_VERSIONS), default="TLS12")
+    max_version: str = setting(one_of(TLS_VERSIONS), default="TLS13")
+    cipher_suites: tuple[str, ...] = setting(_cipher_suites, default=())
+    prefer_server_cipher_suites: bool = setting(boolean, default=True)
+    curve_preferences: tuple[str, ...] = setting(_curves, default=())
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -218,31 +309,88 @@ class TLSServerConfig:
         )
 
 
-@dataclass(frozen=True)
+def _check_tls(tls: TLSServerConfig, at: Section) -> TLSServerConfig:
+    for inline, path in (
+        ("cert", "cert_file"),
+        ("key", "key_file"),
+        ("client_ca", "client_ca_file"),
+    ):
+        if at.has(inline) and at.has(path):
+            at.report(inline, f"set only one of {inline} and {path}", shown=None)
+    has_cert = at.has("cert_file") or at.has("cert")
+    has_key = at.has("key_file") or at.has("key")
+    if has_cert and not has_key:
+        at.report("key_file", "missing: a certificate needs key_file (or an inline key)")
+    elif has_key and not has_cert:
+        at.report("cert_file", "missing: a key needs cert_file (or an inline cert)")
+    elif not has_cert:
+        at.report("cert_file", "missing: TLS needs cert_file and key_file")
+    has_ca = at.has("client_ca_file") or at.has("client_ca")
+    if has_ca and at.usable("client_auth_type") and tls.client_auth_type == "NoClientCert":
+        at.report(
+            "client_ca_file" if at.has("client_ca_file") else "client_ca",
+            "is set but client_auth_type is NoClientCert; set client_auth_type to"
+            " RequireAndVerifyClientCert (or VerifyClientCertIfGiven)",
+            shown=None,
+        )
+    versions = list(TLS_VERSIONS)
+    if versions.index(tls.max_version) < versions.index(tls.min_version):
+        at.report("max_version", f"must not be below min_version ({tls.min_version})")
+    return tls
+
+
+def _tls(node: Node) -> TLSServerConfig | None:
+    # A section that sets nothing means plain HTTP, as in exporter-toolkit.
+    if isinstance(node.value, dict) and all(value is None for value in node.value.values()):
+        return None
+    return yamlcheck.build(TLSServerConfig, node, then=_check_tls)
+
+
+@section
 class HTTPServerConfig:
     """`http_server_config`. `http2` is accepted and ignored: aiohttp serves HTTP/1.1 only."""
 
-    http2: bool = True
-    headers: Mapping[str, str] = field(default_factory=dict)
+    http2: bool = setting(boolean, default=True)
+    headers: Mapping[str, str] = setting(_headers, default_factory=dict)
 
 
-@dataclass(frozen=True)
+@section
 class RateLimitConfig:
-    """A token bucket over all requests: one token every `interval` seconds, `burst` at most."""
+    """A token bucket over all requests: one token every `interval` seconds, `burst` at most.
 
-    interval: float
-    burst: int
+    An interval of 0 turns the limit off, as in exporter-toolkit.
+    """
+
+    interval: float = setting(_interval, default=0.0)
+    burst: int = setting(_burst, default=0)
 
 
-@dataclass(frozen=True)
+def _check_burst(limit: RateLimitConfig, at: Section) -> RateLimitConfig:
+    if limit.interval > 0 and at.usable("burst") and limit.burst < 1:
+        at.report("burst", "must be a positive integer when interval is set")
+    return limit
+
+
+def _rate_limit(node: Node) -> RateLimitConfig | None:
+    limit = yamlcheck.build(RateLimitConfig, node, then=_check_burst)
+    return limit if limit.interval > 0 else None
+
+
+@section
 class WebConfig:
     """A parsed web config file. `users` maps user names to bcrypt hashes."""
 
+    tls: TLSServerConfig | None = setting(_tls, key="tls_server_config", default=None)
+    http: HTTPServerConfig = setting(
+        yamlcheck.nested(HTTPServerConfig),
+        key="http_server_config",
+        default_factory=HTTPServerConfig,
+    )
+    users: Mapping[str, bytes] = setting(
+        _users, key="basic_auth_users", default_factory=dict, repr=False
+    )
+    rate_limit: RateLimitConfig | None = setting(_rate_limit, default=None)
     source: str = "<web config>"
-    tls: TLSServerConfig | None = None
-    http: HTTPServerConfig = field(default_factory=HTTPServerConfig)
-    users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
-    rate_limit: RateLimitConfig | None = None
 
     @property
     def bcrypt_cost(self) -> int:
@@ -254,313 +402,28 @@ class WebConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-class _Problems:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, path: str, problem: str, given: str | None = None) -> None:
-        where = f"{self.source}: {path}: " if path else f"{self.source}: "
-        self.lines.append(where + problem + ("" if given is None else f", got {given}"))
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return repr(value)
-
-
-def _mapping(
-    problems: _Problems, path: str, value: object, known: Sequence[str], form: str
-) -> dict[str, Any]:
-    """The known keys of `value` that are set (null counts as not set, as in Go)."""
-    if not isinstance(value, dict):
-        problems.add(path, form, _show(value))
-        return {}
-    fields: dict[str, Any] = {}
-    for key, item in value.items():
-        if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            problems.add(where, f"unknown key (known: {', '.join(known)})")
-        elif item is not None:
-            fields[key] = item
-    return fields
-
-
-def _one_of(problems: _Problems, path: str, value: object, allowed: Sequence[str]) -> bool:
-    if isinstance(value, str) and value in allowed:
-        return True
-    problems.add(path, f"must be one of {', '.join(allowed)}", _show(value))
-    return False
-
-
-def _string_list(problems: _Problems, path: str, value: object) -> list[tuple[str, object]]:
-    if not isinstance(value, list):
-        problems.add(path, "must be a list of strings", _show(value))
-        return []
-    return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
-
-
 def parse_web_config(data: object, *, source: str, base_dir: Path) -> WebConfig:
     """`WebConfig` from the YAML document `data`; ConfigError with one line per problem.
 
     Pure: no file is read, so certificates are checked by `build_ssl_context`.
     """
-    problems = _Problems(source)
     if data is None:
         # An empty file is valid for exporter-toolkit too: plain HTTP, no auth.
         return WebConfig(source=source)
-    if not isinstance(data, dict):
-        problems.add("", f"must be a mapping with {', '.join(_TOP_KEYS)}", _show(data))
-        raise ConfigError(problems.lines)
-    tls: TLSServerConfig | None = None
-    http = HTTPServerConfig()
-    users: dict[str, bytes] = {}
-    rate_limit: RateLimitConfig | None = None
-    # Section by section in the file's order, so the messages come in the order a reader
-    # of the file meets the problems.
-    for key, value in data.items():
-        if key == "tls_server_config":
-            tls = _parse_tls(problems, value, base_dir)
-        elif key == "http_server_config":
-            http = _parse_http(problems, value)
-        elif key == "basic_auth_users":
-            users = _parse_users(problems, value)
-        elif key == "rate_limit":
-            rate_limit = _parse_rate_limit(problems, value)
-        else:
-            problems.add(str(key), f"unknown key (known: {', '.join(_TOP_KEYS)})")
-    if problems.lines:
-        raise ConfigError(problems.lines)
-    return WebConfig(source=source, tls=tls, http=http, users=users, rate_limit=rate_limit)
-
-
-def _parse_tls(problems: _Problems, value: object, base_dir: Path) -> TLSServerConfig | None:
-    if value is None:
-        return None
-    at = "tls_server_config"
-    fields = _mapping(problems, at, value, _TLS_KEYS, "must be a mapping")
-    if not fields:
-        return None
-    before = len(problems.lines)
-    kwargs: dict[str, Any] = {}
-    for name in ("cert_file", "key_file", "client_ca_file"):
-        if name in fields:
-            item = fields[name]
-            if isinstance(item, str) and item.strip():
-                kwargs[name] = base_dir / Path(item.strip()).expanduser()
-            else:
-                problems.add(f"{at}.{name}", "must be a file path", _show(item))
-    for name in ("cert", "key", "client_ca"):
-        if name in fields:
-            item = fields[name]
-            if isinstance(item, str) and "-----BEGIN " in item:
-                kwargs[name] = item
-            else:
-                # Never shown: an inline key is a secret.
-                problems.add(f"{at}.{name}", "must be PEM text (-----BEGIN ...)")
-    for inline, path in (
-        ("cert", "cert_file"),
-        ("key", "key_file"),
-        ("client_ca", "client_ca_file"),
-    ):
-        if inline in fields and path in fields:
-            problems.add(f"{at}.{inline}", f"set only one of {inline} and {path}")
-    has_cert = "cert_file" in fields or "cert" in fields
-    has_key = "key_file" in fields or "key" in fields
-    if has_cert and not has_key:
-        problems.add(f"{at}.key_file", "missing: a certificate needs key_file (or an inline key)")
-    elif has_key and not has_cert:
-        problems.add(f"{at}.cert_file", "missing: a key needs cert_file (or an inline cert)")
-    elif not has_cert:
-        problems.add(f"{at}.cert_file", "missing: TLS needs cert_file and key_file")
-
-    auth = fields.get("client_auth_type", "NoClientCert")
-    if auth in ("RequireAnyClientCert", "RequireClientCert"):
-        problems.add(f"{at}.client_auth_type", f"{auth} {_REQUIRE_ANY}")
-    elif _one_of(problems, f"{at}.client_auth_type", auth, CLIENT_AUTH_TYPES):
-        kwargs["client_auth_type"] = auth
-        has_ca = "client_ca_file" in fields or "client_ca" in fields
-        if has_ca and auth == "NoClientCert":
-            ca_key = "client_ca_file" if "client_ca_file" in fields else "client_ca"
-            problems.add(
-                f"{at}.{ca_key}",
-                "is set but client_auth_type is NoClientCert; set client_auth_type to"
-                " RequireAndVerifyClientCert (or VerifyClientCertIfGiven)",
-            )
-    if "client_allowed_sans" in fields:
-        problems.add(
-            f"{at}.client_allowed_sans",
-            "is not supported: Python's ssl module has no hook to check a client"
-            " certificate's names during the handshake",
-        )
-
-    versions = list(TLS_VERSIONS)
-    for name in ("min_version", "max_version"):
-        if name in fields and _one_of(problems, f"{at}.{name}", fields[name], versions):
-            kwargs[name] = fields[name]
-    low, high = kwargs.get("min_version", "TLS12"), kwargs.get("max_version", "TLS13")
-    if versions.index(high) < versions.index(low):
-        problems.add(f"{at}.max_version", f"must not be below min_version ({low})", repr(high))
-
-    if "cipher_suites" in fields:
-        suites = []
-        for where, item in _string_list(problems, f"{at}.cipher_suites", fields["cipher_suites"]):
-            if isinstance(item, str) and item in CIPHER_SUITES:
-                suites.append(item)
-            else:
-                problems.add(
-                    where,
-                    "must be a cipher suite exporter-toolkit knows, such as"
-                    " TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 (list: docs/web-config.md)",
-                    _show(item),
-                )
-        kwargs["cipher_suites"] = tuple(suites)
-    if "prefer_server_cipher_suites" in fields:
-        item = fields["prefer_server_cipher_suites"]
-        if isinstance(item, bool):
-            kwargs["prefer_server_cipher_suites"] = item
-        else:
-            problems.add(f"{at}.prefer_server_cipher_suites", "must be true or false", _show(item))
-    if "curve_preferences" in fields:
-        curves = []
-        for where, item in _string_list(
-            problems, f"{at}.curve_preferences", fields["curve_preferences"]
-        ):
-            if _one_of(problems, where, item, CURVES):
-                assert isinstance(item, str)
-                curves.append(item)
-        kwargs["curve_preferences"] = tuple(curves)
-    if len(problems.lines) > before:
-        return None
-    return TLSServerConfig(**kwargs)
-
-
-def _parse_http(problems: _Problems, value: object) -> HTTPServerConfig:
-    if value is None:
-        return HTTPServerConfig()
-    at = "http_server_config"
-    fields = _mapping(problems, at, value, _HTTP_KEYS, "must be a mapping")
-    http2 = fields.get("http2", True)
-    if not isinstance(http2, bool):
-        problems.add(f"{at}.http2", "must be true or false", _show(http2))
-        http2 = True
-    headers: dict[str, str] = {}
-    if "headers" in fields:
-        raw = fields["headers"]
-        if not isinstance(raw, dict):
-            problems.add(f"{at}.headers", "must be a mapping of header names to values", _show(raw))
-            raw = {}
-        for name, header_value in raw.items():
-            where = f"{at}.headers.{name}"
-            if name not in HEADERS:
-                problems.add(where, f"cannot be configured (allowed: {', '.join(HEADERS)})")
-            elif header_value is None or header_value == "":
-                continue  # blank means unset, as documented by exporter-toolkit
-            elif not isinstance(header_value, str) or "\n" in header_value or "\r" in header_value:
-                problems.add(where, "must be a single-line string", _show(header_value))
-            elif HEADERS[name] and header_value not in HEADERS[name]:
-                problems.add(
-                    where, f"must be one of {', '.join(HEADERS[name])}", _show(header_value)
-                )
-            else:
-                headers[name] = header_value
-    return HTTPServerConfig(http2=http2, headers=headers)
-
-
-def _parse_users(problems: _Problems, value: object) -> dict[str, bytes]:
-    if value is None:
-        return {}
-    at = "basic_auth_users"
-    if not isinstance(value, dict):
-        problems.add(at, "must be a mapping of user names to bcrypt hashes", _show(value))
-        return {}
-    users: dict[str, bytes] = {}
-    for name, hashed in value.items():
-        if not isinstance(name, str) or not name:
-            problems.add(at, "user names must be non-empty strings", _show(name))
-            continue
-        where = f"{at}.{name}"
-        if ":" in name:
-            problems.add(where, "a user name cannot contain ':' (Basic auth splits on it)")
-            continue
-        raw = hashed.strip().encode("utf-8") if isinstance(hashed, str) else b""
-        match = _BCRYPT_RE.fullmatch(raw)
-        if match is None:
-            # Never shown: someone may have put the password itself here.
-            problems.add(where, f"must be {_BCRYPT_FORM}, got a value that is not one")
-        elif not 4 <= int(match[1]) <= 31:
-            problems.add(
-                where, f"must be {_BCRYPT_FORM} with a cost from 4 to 31", match[1].decode()
-            )
-        else:
-            users[name] = raw
-    return users
-
-
-def _parse_rate_limit(problems: _Problems, value: object) -> RateLimitConfig | None:
-    if value is None:
-        return None
-    at = "rate_limit"
-    fields = _mapping(problems, at, value, _RATE_LIMIT_KEYS, "must be a mapping")
-    try:
-        interval = parse_duration(fields.get("interval", 0))
-    except ValueError:
-        problems.add(
-            f"{at}.interval", "must be a duration like 100ms or 1s", _show(fields["interval"])
-        )
-        return None
-    if interval == 0:
-        return None  # 0 disables the limiter, as in exporter-toolkit
-    burst = fields.get("burst")
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        problems.add(f"{at}.burst", "must be a positive integer when interval is set", _show(burst))
-        return None
-    return RateLimitConfig(interval=interval, burst=burst)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys, as Go's strict YAML decoding does."""
-
-    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if isinstance(key, Hashable):
-                if key in seen:
-                    raise ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep)
+    config = yamlcheck.check_document(
+        WebConfig,
+        data,
+        source=source,
+        base_dir=base_dir,
+        form=f"must be a mapping with {', '.join(yamlcheck.known_keys(WebConfig))}",
+    )
+    return replace(config, source=source)
 
 
 def load_web_config(path: str | Path) -> WebConfig:
     """Read and parse the web config file; ConfigError with one line per problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([f"{source}: cannot read file ({err.strerror or err})"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"{source}: cannot read file (not UTF-8 text)"]) from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
-        raise ConfigError([f"{where}: invalid YAML: {err.problem or err.context}"]) from None
-    except yaml.YAMLError as err:
-        raise ConfigError([f"{source}: invalid YAML: {' '.join(str(err).split())}"]) from None
-    return parse_web_config(data, source=source, base_dir=Path(path).parent)
+    data = yamlcheck.read_yaml(Path(path), str(path))
+    return parse_web_config(data, source=str(path), base_dir=Path(path).parent)
 
 
 # --------------------------------------------------------------------------- TLS
@@ -575,14 +438,16 @@ def _no_password() -> bytes:
     raise _EncryptedKeyError
 
 
-def _read_pem(problems: _Problems, at: str, path: Path, marker: str, what: str) -> None:
+def _read_pem(
+    problems: yamlcheck.Problems, at: yamlcheck.Loc, path: Path, marker: str, what: str
+) -> None:
     try:
         content = path.read_bytes()
     except OSError as err:
-        problems.add(at, f"cannot read file ({err.strerror or err})", repr(str(path)))
+        problems.add(at, f"cannot read file ({yamlcheck.reason(err)})", yamlcheck.show(str(path)))
         return
     if marker.encode() not in content:
-        problems.add(at, f"no PEM {what} in file", repr(str(path)))
+        problems.add(at, f"no PEM {what} in file", yamlcheck.show(str(path)))
 
 
 @contextmanager
@@ -606,24 +471,24 @@ def _pem_files(tls: TLSServerConfig) -> Iterator[tuple[Path | None, Path | None]
 
 def build_ssl_context(tls: TLSServerConfig, source: str) -> ssl.SSLContext:
     """A server `ssl.SSLContext` for `tls`, reading its files; ConfigError if one is bad."""
-    at = "tls_server_config"
-    problems = _Problems(source)
+    at = yamlcheck.Loc(source).key("tls_server_config")
+    problems = yamlcheck.Problems()
     if tls.cert_file is not None:
         _read_pem(
-            problems, f"{at}.cert_file", tls.cert_file, "-----BEGIN CERTIFICATE", "certificate"
+            problems, at.key("cert_file"), tls.cert_file, "-----BEGIN CERTIFICATE", "certificate"
         )
     if tls.key_file is not None:
-        _read_pem(problems, f"{at}.key_file", tls.key_file, "PRIVATE KEY-----", "private key")
+        _read_pem(problems, at.key("key_file"), tls.key_file, "PRIVATE KEY-----", "private key")
     if tls.client_ca_file is not None:
         _read_pem(
             problems,
-            f"{at}.client_ca_file",
+            at.key("client_ca_file"),
             tls.client_ca_file,
             "-----BEGIN CERTIFICATE",
             "certificate",
         )
-    if problems.lines:
-        raise ConfigError(problems.lines)
+    if len(problems):
+        raise ConfigError(problems.lines())
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[tls.min_version]
@@ -636,7 +501,7 @@ def build_ssl_context(tls: TLSServerConfig, source: str) -> ssl.SSLContext:
     if legacy:
         context.set_ciphers(":".join(legacy))
 
-    key_at = f"{at}.key_file" if tls.key_file is not None else f"{at}.key"
+    key_at = at.key("key_file") if tls.key_file is not None else at.key("key")
     with _pem_files(tls) as (cert, key):
         assert cert is not None and key is not None  # parse_web_config saw to that
         try:
@@ -648,8 +513,8 @@ def build_ssl_context(tls: TLSServerConfig, source: str) -> ssl.SSLContext:
                 problems.add(key_at, "does not belong to the certificate")
             else:
                 problems.add(at, f"cannot load the certificate and key ({_ssl_reason(err)})")
-    if problems.lines:
-        raise ConfigError(problems.lines)
+    if len(problems):
+        raise ConfigError(problems.lines())
 
     context.verify_mode = _VERIFY_MODES[tls.client_auth_type]
     try:
@@ -661,9 +526,9 @@ def build_ssl_context(tls: TLSServerConfig, source: str) -> ssl.SSLContext:
             # Go verifies against the system roots when no client CA is given.
             context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
     except ssl.SSLError as err:
-        ca_at = f"{at}.client_ca_file" if tls.client_ca_file is not None else f"{at}.client_ca"
+        ca_at = at.key("client_ca_file") if tls.client_ca_file is not None else at.key("client_ca")
         problems.add(ca_at, f"cannot load the CA certificates ({_ssl_reason(err)})")
-        raise ConfigError(problems.lines) from None
+        raise ConfigError(problems.lines()) from None
     return context
 
 
@@ -778,24 +643,12 @@ class _TokenBucket:
 
 # --------------------------------------------------------------------------- the runtime
 
-_Fingerprint = tuple[int, int, int] | None
-
-
-def _fingerprint(path: Path) -> _Fingerprint:
-    # The inode catches files replaced by rename and Kubernetes' symlink swaps even when
-    # the new file has the old mtime and size.
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
 
 @dataclass(frozen=True)
 class _Loaded:
     config: WebConfig
     context: ssl.SSLContext | None
-    key: tuple[_Fingerprint, tuple[_Fingerprint, ...]]
+    key: tuple[FileStamp | None, tuple[FileStamp | None, ...]]
 
 
 class WebSecurity:
@@ -808,14 +661,14 @@ class WebSecurity:
     def __init__(self, path: str | Path, *, auth: BasicAuth | None = None) -> None:
         self._path = Path(path)
         self._source = str(path)
-        web_fp = _fingerprint(self._path)
+        web_fp = file_stamp(self._path)
         config = load_web_config(self._path)
-        files_fp = tuple(_fingerprint(p) for p in (config.tls.files if config.tls else ()))
+        files_fp = tuple(file_stamp(p) for p in (config.tls.files if config.tls else ()))
         context = build_ssl_context(config.tls, self._source) if config.tls else None
         self._good = _Loaded(config, context, (web_fp, files_fp))
         self._parsed_fp = web_fp
         self._candidate: WebConfig | None = config
-        self._failed_key: tuple[_Fingerprint, tuple[_Fingerprint, ...]] | None = None
+        self._failed_key: tuple[FileStamp | None, tuple[FileStamp | None, ...]] | None = None
         self._auth = auth or BasicAuth()
         self._bucket = _TokenBucket(config.rate_limit) if config.rate_limit else None
         self._started_tls = config.tls
@@ -836,7 +689,7 @@ class WebSecurity:
 
     def refresh(self) -> WebConfig:
         """The web config in force, re-read first if the file or its TLS files changed."""
-        web_fp = _fingerprint(self._path)
+        web_fp = file_stamp(self._path)
         if web_fp != self._parsed_fp:
             self._parsed_fp = web_fp
             try:
@@ -848,7 +701,7 @@ class WebSecurity:
         if candidate is None:
             return self._good.config
         files = candidate.tls.files if candidate.tls else ()
-        key = (web_fp, tuple(_fingerprint(p) for p in files))
+        key = (web_fp, tuple(file_stamp(p) for p in files))
         if key in (self._good.key, self._failed_key):
             return self._good.config
         try:
@@ -866,7 +719,7 @@ class WebSecurity:
         return self._good.config
 
     def _load(
-        self, config: WebConfig, key: tuple[_Fingerprint, tuple[_Fingerprint, ...]]
+        self, config: WebConfig, key: tuple[FileStamp | None, tuple[FileStamp | None, ...]]
     ) -> _Loaded:
         if (config.tls is None) != (self._started_tls is None):
             raise ConfigError(

@@ -12,14 +12,19 @@ from exporter.config import (
     ENTERPRISE,
     ROLES,
     STANDARD,
+    AlertReceiver,
     Config,
     ConfigError,
+    DepartmentUsers,
     ImSettings,
     OAuthAuth,
     Portal,
+    PrivacySettings,
     RateLimit,
     TasksSettings,
+    TeamsSettings,
     WebhookAuth,
+    check_receivers_protected,
     load_config,
     parse_config,
     parse_duration,
@@ -70,6 +75,18 @@ def test_example_config_needs_its_variable() -> None:
     ]
 
 
+def test_example_alert_receivers_are_valid(tmp_path: Path) -> None:
+    """The commented alert_receivers example in config.example.yaml is valid uncommented."""
+    text = (REPO / "config.example.yaml").read_text(encoding="utf-8")
+    head, example = text.split("# alert_receivers:\n", 1)
+    lines = [line.removeprefix("# ") for line in example.splitlines()]
+    path = write(tmp_path, "config.yaml", head + "alert_receivers:\n" + "\n".join(lines))
+    config = load_config(path, environ={"ACME_WEBHOOK": HOOK, "ALERTS_TOKEN": "a" * 16})
+    assert config.alert_receivers == (
+        AlertReceiver(name="ops", portal="acme", token="a" * 16, chat="chat42"),
+    )
+
+
 def test_minimal_config_gets_every_default() -> None:
     """A portal with only a name and a webhook gets the documented defaults everywhere."""
     config = parse_config({"portals": [{"name": "acme", "webhook": HOOK}]}, environ={})
@@ -87,6 +104,8 @@ def test_minimal_config_gets_every_default() -> None:
         enabled=True, users="self", exclude_users=frozenset(), groups=(0,), roles=("view_all",)
     )
     assert portal.im == ImSettings(enabled=True, webhooks=(), chats=False)
+    assert portal.teams == TeamsSettings(enabled=False)
+    assert portal.privacy == PrivacySettings(mode="none", pseudonym_key=None, min_team_size=5)
 
 
 def test_null_values_take_defaults() -> None:
@@ -138,13 +157,20 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             webhook: http://127.0.0.1:8080/rest/3/abc/
             rate_limit: {{requests_per_second: 0.5, burst: 10}}
             tasks: {{users: all}}
+            teams: {{enabled: true}}
+            privacy: {{mode: aggregate, min_team_size: 8}}
+          - name: gamma
+            webhook: http://127.0.0.1:8080/rest/4/def/
+            tasks: {{users: {{departments: [5, 12]}}}}
+            privacy: {{mode: pseudonymous, pseudonym_key_file: pseudonym.key}}
         """,
     )
+    write(tmp_path, "pseudonym.key", "0123456789abcdef0123\n")
     config = load_config("config.yaml", environ={})
     assert config.listen_address == "[::1]:9100"
     assert (config.poll_interval, config.stale_after) == (30.0, 5400.0)
     assert (config.request_timeout, config.user_refresh_interval) == (0.5, 300.0)
-    acme, beta = config.portals
+    acme, beta, gamma = config.portals
     assert acme.name == "acme.prod-1"
     assert acme.auth == WebhookAuth(f"https://acme.bitrix24.com:8443/sub/rest/7/{SECRET}/")
     assert acme.rate_limit == ENTERPRISE == RateLimit(5.0, 250)
@@ -161,6 +187,11 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert beta.rate_limit == RateLimit(0.5, 10)
     assert beta.tasks.users == "all"
+    assert beta.teams == TeamsSettings(enabled=True)
+    assert beta.privacy == PrivacySettings(mode="aggregate", min_team_size=8)
+    assert gamma.tasks.users == DepartmentUsers(departments=(5, 12))
+    assert gamma.privacy.mode == "pseudonymous"
+    assert gamma.privacy.pseudonym_key == "0123456789abcdef0123"
     assert config.source == "config.yaml"
 
 
@@ -281,6 +312,27 @@ def test_portals_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.portals_dir == "portals.d"
 
 
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    """A `<<` merge copies a mapping's keys, and keys written beside it override them."""
+    path = write(
+        tmp_path,
+        "config.yaml",
+        f"""\
+        portals:
+          - &acme
+            name: acme
+            webhook: {HOOK}
+            tasks: {{users: all, groups: [0, 7]}}
+          - <<: *acme
+            name: beta
+        """,
+    )
+    acme, beta = load_config(path, environ={}).portals
+    assert (acme.name, beta.name) == ("acme", "beta")
+    assert beta.auth == acme.auth and beta.tasks == acme.tasks
+    assert beta.tasks.groups == (0, 7)
+
+
 def test_portals_dir_alone(tmp_path: Path) -> None:
     """portals_dir may supply every portal."""
     write(tmp_path, "p/a.yaml", f"name: a\nwebhook: {HOOK}\n")
@@ -292,15 +344,12 @@ def test_portals_dir_alone(tmp_path: Path) -> None:
 
 
 def test_webhook_auth_parts() -> None:
-    """WebhookAuth normalises the URL and exposes user id, secret and method URLs."""
+    """WebhookAuth normalises the URL and exposes user id and secret."""
     auth = WebhookAuth("https://acme.bitrix24.com/rest/1/s3cr3t")
-    assert auth.url == auth.base == "https://acme.bitrix24.com/rest/1/s3cr3t/"
+    assert auth.url == "https://acme.bitrix24.com/rest/1/s3cr3t/"
     assert auth.user_id == 1
     assert auth.secret == "s3cr3t"
     assert auth.redacted == "https://acme.bitrix24.com/rest/1/<secret>/"
-    assert auth.method_url("im.counters.get") == (
-        "https://acme.bitrix24.com/rest/1/s3cr3t/im.counters.get"
-    )
 
 
 def test_webhook_auth_rejects_bad_url_without_leaking() -> None:
@@ -338,6 +387,84 @@ def test_no_secret_in_repr() -> None:
     for text in (repr(config), str(config), str(config.portals[0].auth)):
         assert SECRET not in text
     assert str(config.portals[0].auth) == "https://acme.bitrix24.com/rest/1/<secret>/"
+
+
+def test_alert_receivers(tmp_path: Path) -> None:
+    """Receivers read every key, a chat may be a user id written as a number, and a receiver
+    without a token is one check_receivers_protected reports unless basic auth protects all."""
+    write(tmp_path, "alerts.token", "file-token-0123456789\n")
+    config = parse_config(
+        {
+            "portals": [{"name": "acme", "webhook": HOOK}],
+            "alert_receivers": [
+                {"name": "ops", "portal": "acme", "token": "t" * 16, "chat": "sg7"},
+                {
+                    "name": "people",
+                    "portal": "acme",
+                    "token_file": "alerts.token",
+                    "chat": 42,
+                    "notify_user": True,
+                    "notify_head": True,
+                    "max_per_minute": 2,
+                },
+                {"name": "open", "portal": "acme", "notify_user": True},
+            ],
+        },
+        source="c.yaml",
+        environ={},
+        base_dir=tmp_path,
+    )
+    ops, people, open_ = config.alert_receivers
+    assert ops == AlertReceiver(name="ops", portal="acme", token="t" * 16, chat="sg7")
+    assert (ops.notify_user, ops.notify_head, ops.max_per_minute) == (False, False, 6)
+    assert people == AlertReceiver(
+        name="people",
+        portal="acme",
+        token="file-token-0123456789",
+        chat="42",
+        notify_user=True,
+        notify_head=True,
+        max_per_minute=2,
+    )
+    assert open_.token is None and open_.chat is None
+    assert "t" * 16 not in repr(config) and "file-token" not in repr(config)
+    assert {"t" * 16, "file-token-0123456789"} <= set(config.secrets)
+    assert check_receivers_protected(config, web_config_has_basic_auth=True) == []
+    assert check_receivers_protected(config, web_config_has_basic_auth=False) == [
+        "c.yaml: alert_receivers[2]: needs token or token_file, or basic_auth_users in the web"
+        " config: otherwise anyone who reaches the exporter can post into Bitrix24"
+    ]
+
+
+def test_secrets_are_collected_and_hidden() -> None:
+    """Config.secrets lists every secret the file holds (what log redaction is given), and
+    none of them shows in repr."""
+    key = SECRET + "-pseudonyms"
+    config = parse_config(
+        {
+            "portals": [
+                {
+                    "name": "a",
+                    "webhook": HOOK,
+                    "im": {"webhooks": [f"https://acme.bitrix24.com/rest/2/{SECRET}x/"]},
+                    "privacy": {"mode": "pseudonymous", "pseudonym_key": key},
+                },
+                {
+                    "name": "b",
+                    "oauth": {
+                        "client_endpoint": "https://b/rest/",
+                        "client_id": "app",
+                        "client_secret": SECRET + "c",
+                        "refresh_token": SECRET + "r",
+                        "state_file": "/s.json",
+                    },
+                },
+            ]
+        },
+        environ={},
+    )
+    assert sorted(config.secrets) == sorted([SECRET, SECRET + "x", key, SECRET + "c", SECRET + "r"])
+    assert SECRET not in repr(config)
 
 
 @pytest.mark.parametrize(
@@ -439,12 +566,13 @@ def test_roles() -> None:
 
 _KNOWN_TOP = (
     "listen_address, poll_interval, stale_after, request_timeout, user_refresh_interval, "
-    "portals_dir, portals"
+    "portals_dir, portals, alert_receivers"
 )
 _KNOWN_TASKS = "enabled, users, exclude_users, groups, roles"
 _ROLE_LIST = ", ".join(ROLES)
 _FORM = "(https://PORTAL/rest/USER_ID/SECRET/)"
 _ONE_AUTH = "use exactly one of webhook, webhook_file or oauth"
+_USERS_FORM = "must be self, all, a list of user ids or {departments: [ids]}"
 
 BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
@@ -490,6 +618,26 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         ["config.yaml:4:5: invalid YAML: duplicate key 'name'"],
     ),
     (
+        "an alias inside its own anchor",
+        "portals: &p [*p]\n",
+        ["config.yaml: nested too deeply, or an alias (*name) refers to its own anchor"],
+    ),
+    (
+        "nesting too deep for the YAML parser",
+        "portals: " + "[" * 2000 + "\n",
+        ["config.yaml: invalid YAML: nested too deeply"],
+    ),
+    (
+        "an integer too long for Python",
+        "poll_interval: " + "9" * 5000 + "\n",
+        ["config.yaml:1:16: invalid YAML: integer with too many digits"],
+    ),
+    (
+        "a character YAML does not allow",
+        'portals:\n  - name: "a\x00"\n',
+        ["config.yaml:2:13: invalid YAML: character 0x0000 is not allowed"],
+    ),
+    (
         "no portals at all",
         "poll_interval: 30s\n",
         ["config.yaml: portals: at least one portal is required (portals or portals_dir)"],
@@ -526,7 +674,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         [
             f"config.yaml: pol_interval: unknown key (known: {_KNOWN_TOP})",
             "config.yaml: portals[0].task: unknown key (known: name, webhook, webhook_file, "
-            "oauth, rate_limit, operating_limit, tasks, im)",
+            "oauth, rate_limit, operating_limit, tasks, im, teams, privacy)",
             f"config.yaml: portals[0].tasks.role: unknown key (known: {_KNOWN_TASKS})",
             "config.yaml: portals[0].im.chat: unknown key (known: enabled, webhooks, chats)",
             "config.yaml: portals[0].rate_limit.bursts: unknown key (known: requests_per_second, "
@@ -796,8 +944,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
           - {{name: e, webhook: "{HOOK}", tasks: {{exclude_users: [0, x]}}}}
         """,
         [
-            "config.yaml: portals[0].tasks.users: must be self, all or a list of user ids, "
-            "got 'everyone'",
+            f"config.yaml: portals[0].tasks.users: {_USERS_FORM}, got 'everyone'",
             "config.yaml: portals[1].tasks.users: must not be empty (use self or all), got []",
             "config.yaml: portals[2].tasks.users[0]: must be a positive integer, got 'abc'",
             "config.yaml: portals[2].tasks.users[1]: must be a positive integer, got 0",
@@ -805,11 +952,151 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             "config.yaml: portals[2].tasks.users[3]: must be a positive integer, got true",
             "config.yaml: portals[2].tasks.users[5]: is listed twice, got 5",
             "config.yaml: portals[2].tasks.users[6]: must be a positive integer, got 1.5",
-            "config.yaml: portals[3].tasks.users: must be self, all or a list of user ids, got 5",
+            f"config.yaml: portals[3].tasks.users: {_USERS_FORM}, got 5",
             "config.yaml: portals[3].tasks.exclude_users: must be a list of user ids, got 5",
             "config.yaml: portals[4].tasks.exclude_users[0]: must be a positive integer, got 0",
             "config.yaml: portals[4].tasks.exclude_users[1]: must be a positive integer, got 'x'",
         ],
+    ),
+    (
+        "task users by department",
+        f"""\
+        portals:
+          - {{name: a, webhook: "{HOOK}", tasks: {{users: {{departments: []}}}}}}
+          - {{name: b, webhook: "{HOOK}", tasks: {{users: {{departments: [5, 0, x, 5]}}}}}}
+          - {{name: c, webhook: "{HOOK}", tasks: {{users: {{department: [5]}}}}}}
+          - {{name: d, webhook: "{HOOK}", tasks: {{users: {{departments: 5}}}}}}
+        """,
+        [
+            "config.yaml: portals[0].tasks.users.departments: must not be empty, got []",
+            "config.yaml: portals[1].tasks.users.departments[1]: must be a positive integer, got 0",
+            "config.yaml: portals[1].tasks.users.departments[2]: must be a positive integer, "
+            "got 'x'",
+            "config.yaml: portals[1].tasks.users.departments[3]: is listed twice, got 5",
+            "config.yaml: portals[2].tasks.users.departments: is required",
+            "config.yaml: portals[2].tasks.users.department: unknown key (known: departments)",
+            "config.yaml: portals[3].tasks.users.departments: must be a list of department ids, "
+            "got 5",
+        ],
+    ),
+    (
+        "teams and privacy",
+        f"""\
+        portals:
+          - name: a
+            webhook: {HOOK}
+            privacy: {{mode: aggregate}}
+          - name: b
+            webhook: {HOOK}
+            teams: {{enabled: true}}
+            privacy: {{mode: pseudonymous}}
+          - name: c
+            webhook: {HOOK}
+            privacy: {{mode: none, pseudonym_key: {SECRET}-long-enough}}
+          - name: d
+            webhook: {HOOK}
+            teams: {{enabled: yes please, departments: true}}
+            privacy: {{mode: anonymous, min_team_size: 2, pseudonym_key: {SECRET}-long-enough}}
+          - name: e
+            webhook: {HOOK}
+            privacy:
+              mode: pseudonymous
+              pseudonym_key: {SECRET}
+              pseudonym_key_file: /run/secrets/pseudonyms
+          - name: f
+            webhook: {HOOK}
+            privacy: {{mode: pseudonymous, pseudonym_key_file: empty.secret}}
+          - name: g
+            webhook: {HOOK}
+            privacy: {{mode: aggregate, pseudonym_key: ["{SECRET}"], min_team_size: 3}}
+            teams: {{enabled: true}}
+        """,
+        [
+            "config.yaml: portals[0].privacy.mode: aggregate needs teams.enabled: true, "
+            "got 'aggregate'",
+            "config.yaml: portals[1].privacy.pseudonym_key: is required when mode is "
+            "pseudonymous (or pseudonym_key_file)",
+            "config.yaml: portals[2].privacy.pseudonym_key: is only used when mode is "
+            "pseudonymous (mode is none)",
+            "config.yaml: portals[3].teams.enabled: must be true or false, got 'yes please'",
+            "config.yaml: portals[3].teams.departments: unknown key (known: enabled)",
+            "config.yaml: portals[3].privacy.mode: must be one of none, pseudonymous, aggregate, "
+            "got 'anonymous'",
+            "config.yaml: portals[3].privacy.min_team_size: must be an integer of 3 or more, got 2",
+            "config.yaml: portals[4].privacy.pseudonym_key: must be a key of at least 16 "
+            "characters, got 11",
+            "config.yaml: portals[4].privacy.pseudonym_key_file: cannot be combined with "
+            "pseudonym_key; use at most one of pseudonym_key or pseudonym_key_file",
+            "config.yaml: portals[4].privacy.pseudonym_key_file: cannot read file (No such file "
+            "or directory), got '/run/secrets/pseudonyms'",
+            "config.yaml: portals[5].privacy.pseudonym_key_file: file is empty, got 'empty.secret'",
+            "config.yaml: portals[6].privacy.pseudonym_key: must be a non-empty string, got a list",
+        ],
+    ),
+    (
+        "alert receivers",
+        f"""\
+        portals:
+          - {{name: acme, webhook: "{HOOK}"}}
+          - {{name: beta, webhook: "{HOOK}"}}
+        alert_receivers:
+          - name: ops
+            portal: acme
+            token: {SECRET}-alerts
+            chat: chat42
+          - name: ops
+            portal: gamma
+            token: {SECRET}
+            notify_user: true
+          - name: on call
+            portal: acme
+            token_file: /run/secrets/alerts
+            chat: group7
+            max_per_minute: 0
+          - name: quiet
+            portal: beta
+            token: ["{SECRET}"]
+          - portal: acme
+            chat: 0
+            notify_head: "no"
+            max_per_minute: 61
+          - name: idle
+            portal: acme
+            token: {SECRET}-alerts
+        """,
+        [
+            "config.yaml: alert_receivers[1].name: duplicate receiver name (also used by "
+            "alert_receivers[0]), got 'ops'",
+            "config.yaml: alert_receivers[1].portal: must name a portal (acme, beta), got 'gamma'",
+            "config.yaml: alert_receivers[1].token: must be a token of at least 16 characters, "
+            "got 11",
+            "config.yaml: alert_receivers[2].name: must match [a-zA-Z0-9_.-]+, got 'on call'",
+            "config.yaml: alert_receivers[2].token_file: cannot read file (No such file or "
+            "directory), got '/run/secrets/alerts'",
+            "config.yaml: alert_receivers[2].chat: must be a chat like chat42, a workgroup's "
+            "chat like sg7, or a user id, got 'group7'",
+            "config.yaml: alert_receivers[2].max_per_minute: must be an integer from 1 to 60, "
+            "got 0",
+            "config.yaml: alert_receivers[3]: needs a target: chat, notify_user: true or "
+            "notify_head: true",
+            "config.yaml: alert_receivers[3].token: must be a non-empty string, got a list",
+            "config.yaml: alert_receivers[4].name: is required",
+            "config.yaml: alert_receivers[4].chat: must be a chat like chat42, a workgroup's "
+            "chat like sg7, or a user id, got 0",
+            "config.yaml: alert_receivers[4].notify_head: must be true or false, got 'no'",
+            "config.yaml: alert_receivers[4].max_per_minute: must be an integer from 1 to 60, "
+            "got 61",
+            "config.yaml: alert_receivers[5]: needs a target: chat, notify_user: true or "
+            "notify_head: true",
+        ],
+    ),
+    (
+        "alert receivers of the wrong shape",
+        f"""\
+        portals: [{{name: acme, webhook: "{HOOK}"}}]
+        alert_receivers: {{name: ops}}
+        """,
+        ["config.yaml: alert_receivers: must be a list of receivers, got a mapping"],
     ),
     (
         "task groups and roles",
@@ -910,7 +1197,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
             "config.yaml: portals[0].oauth.client_secret: must be a non-empty string, "
             "got an integer",
             "config.yaml: portals[0].oauth.client_secret_file: cannot be combined with "
-            "client_secret",
+            "client_secret; use exactly one of client_secret or client_secret_file",
             "config.yaml: portals[0].oauth.client_secret_file: cannot read file (No such file or "
             "directory), got '/run/secrets/a'",
             "config.yaml: portals[0].oauth.refresh_token: must be a non-empty string, got a list",

@@ -383,7 +383,7 @@ async def test_landing_page_shows_portal_state(served: Any, exporter_app: Any) -
     """`/` links /metrics and shows each portal's state, never the webhook secret."""
     client = await exporter_app(config_of(portal_config(await served(make_portal(1)))))
     page = await (await client.get("/")).text()
-    assert 'href="metrics"' in page and "<td>acme</td><td>up</td>" in page
+    assert 'href="metrics"' in page and '<span class="badge up" id="acme-state">up</span>' in page
     assert SECRET not in page
 
 

@@ -136,6 +136,28 @@ async def test_revoked_webhook_is_401(portal: FakePortal, client: TestClient[Any
     assert (status, body["error"]) == (401, "INVALID_CREDENTIALS")
 
 
+async def test_scope_lists_what_the_webhook_was_granted(
+    portal: FakePortal, client: TestClient[Any, Any]
+) -> None:
+    """`scope` answers the webhook's scopes (sorted); full=true lists every scope the portal
+    knows; a method outside the scopes answers 401 insufficient_scope, in a batch too."""
+    portal.add_webhook(2, "narrow", scopes=("task", "user_brief"))
+    status, body = await call(client, HOOK + "scope")
+    assert (status, body["result"]) == (200, ["department", "im", "task", "user"])
+    status, body = await call(client, "/rest/2/narrow/scope")
+    assert (status, body["result"]) == (200, ["task", "user_brief"])
+    status, body = await call(client, "/rest/2/narrow/scope", json_body={"full": True})
+    assert {"im", "task", "user_brief", "department"} <= set(body["result"])
+    status, body = await call(client, "/rest/2/narrow/im.counters.get")
+    assert (status, body["error"]) == (401, "insufficient_scope")
+    assert (await call(client, "/rest/2/narrow/user.get"))[0] == 200
+    assert (await call(client, "/rest/2/narrow/tasks.task.counters.get"))[0] == 200
+    status, body = await call(
+        client, "/rest/2/narrow/batch", json_body={"cmd": {"im": "im.counters.get"}}
+    )
+    assert body["result"]["result_error"]["im"]["error"] == "insufficient_scope"
+
+
 async def test_call_without_credentials_is_no_auth_found(client: TestClient[Any, Any]) -> None:
     """`/rest/{method}` without any token is refused with NO_AUTH_FOUND."""
     status, body = await call(client, "/rest/profile")

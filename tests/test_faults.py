@@ -41,8 +41,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from exporter.bitrix import MAX_BATCH, BitrixClient
-from exporter.poller import PortalPoller
+from exporter.bitrix import DEFAULT_RETRY, MAX_BATCH, BitrixClient
 from exporter.server import PUBLISHER
 from tests.fault_portal import ROLES, expected_tasks
 from tests.support import (
@@ -75,8 +74,7 @@ HELD = 60.0 + LIVENESS
 
 # The retry policy, read from the code rather than copied: each request is sent at most
 # max_retries + 1 times.
-MAX_RETRIES: int = inspect.signature(BitrixClient).parameters["max_retries"].default
-RETRY_BASE: float = inspect.signature(PortalPoller).parameters["retry_base"].default
+MAX_RETRIES = DEFAULT_RETRY.max_retries
 ATTEMPTS = MAX_RETRIES + 1
 CONCURRENCY: int = inspect.signature(BitrixClient).parameters["concurrency"].default
 

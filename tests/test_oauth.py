@@ -29,6 +29,7 @@ from exporter.bitrix import (
     Command,
     OperatingBudget,
     PortalThrottle,
+    RetryPolicy,
 )
 from exporter.config import OAuthAuth, parse_config
 from exporter.fakeportal import NEW_COUNTER_CODES, TOKEN_METHOD, FakePortal, FakeUser
@@ -93,7 +94,7 @@ def client_for(credential: OAuthCredential, session: aiohttp.ClientSession) -> B
         throttle=PortalThrottle(1000.0, 1000, stats),
         budget=OperatingBudget(480.0),
         stats=stats,
-        retry_base=0.01,
+        retry=RetryPolicy(base=0.01),
     )
 
 

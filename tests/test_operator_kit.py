@@ -52,6 +52,7 @@ STATIC_VALUES = {
     "__rate_interval": "5m",
     "portal": "acme|beta",
     "user": "17",
+    "department": "5",
     "role": "view_all",
     "group": "0",
 }
@@ -207,13 +208,13 @@ def test_dashboard_structure() -> None:
     assert d["uid"] == "bitrix24-exporter"
     assert d["schemaVersion"] >= 41
     variables = {v["name"]: v for v in d["templating"]["list"]}
-    assert list(variables) == ["datasource", "portal", "user", "role", "group"]
+    assert list(variables) == ["datasource", "portal", "department", "user", "role", "group"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert "bitrix24_user_info" in variables["user"]["query"]
     assert "(?<text>" in variables["user"]["regex"] and "(?<value>" in variables["user"]["regex"]
     rows = [p["title"] for p in d["panels"] if p["type"] == "row"]
-    assert rows == ["Overview", "Tasks", "Chats", "Exporter health"]
+    assert rows == ["Overview", "Teams", "Tasks", "Chats", "Exporter health"]
 
     panels = iter_panels(d)
     ids = [p["id"] for p in panels]

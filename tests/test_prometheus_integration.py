@@ -7,11 +7,12 @@ Prometheus scraping it every second and evaluating rules.yml plus a copy of aler
 every `for:` shortened to 2s.
 
 Then every PromQL expression of the dashboard (template variables set to real values: the
-acme portal, user 1, role view_all, group 0) and of the rules is run through the HTTP API
-and must succeed with at least one series. Alert expressions are normally empty, so each is
-evaluated without its final threshold comparison (`x > 5` -> `x`; `absent(up{...})` -> the
-selector `up{...}`). Finally a user's overdue count is raised in the fake portal and
-Bitrix24UserTasksOverdue must become pending or firing for that user, with their name.
+acme portal, every department, user 1, role view_all, group 0) and of the rules is run
+through the HTTP API and must succeed with at least one series. Alert expressions are
+normally empty, so each is evaluated without its final threshold comparison (`x > 5` ->
+`x`; `absent(up{...})` -> the selector `up{...}`). Finally a user's overdue count is
+raised in the fake portal and Bitrix24UserTasksOverdue must become pending or firing for
+that user, with their name.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ async def test_dashboard_and_rules_against_real_prometheus(
                 "webhook": acme_webhook,
                 "tasks": {"users": "all", "groups": [0, 7], "roles": list(fakeportal.ROLES)},
                 "im": {"enabled": True, "chats": True},
+                "teams": {"enabled": True},
             },
             {"name": "beta", "webhook": beta_webhook},
         ],
@@ -239,6 +241,7 @@ async def test_dashboard_and_rules_against_real_prometheus(
             "__rate_interval": "1m",
             "portal": "acme",
             "user": "1",
+            "department": ".*",
             "role": "view_all",
             "group": "0",
         }

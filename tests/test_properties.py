@@ -33,7 +33,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter import metrics
-from exporter.bitrix import OPERATING_WINDOW, ClientStats, new_session
+from exporter.bitrix import OPERATING_WINDOW, ClientStats, RetryPolicy, new_session
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.mapping import (
     NoAccess,
@@ -46,8 +46,11 @@ from exporter.mapping import (
     to_number,
     to_user_id,
 )
-from exporter.poller import IM_METHOD, TASKS_METHOD, PortalPoller, PortalSnapshot, Status
+from exporter.poller import PortalPoller
 from exporter.render import ExporterInfo, assemble, portal_blocks
+from exporter.snapshot import PortalSnapshot, Status
+from exporter.sources.im import METHOD as IM_METHOD
+from exporter.sources.tasks import METHOD as TASKS_METHOD
 from tests.support import portal_config, register_secret
 
 # ---- arbitrary JSON, as it could arrive on the wire --------------------------------------
@@ -542,7 +545,7 @@ async def two_cycles(replies: dict[str, Any], settings_: dict[str, Any]) -> list
             # No sleeping between retries: the answers are instant and the budget is what
             # is under test, not the backoff.
             poller = PortalPoller(
-                config.portals[0], config, session, snapshots.append, retry_base=0
+                config.portals[0], config, session, snapshots.append, retry=RetryPolicy(base=0)
             )
             for _ in range(2):
                 try:

@@ -187,7 +187,7 @@ BAD_WEB_CONFIGS: list[tuple[str, str, list[str]]] = [
     (
         "not a mapping",
         "- tls_server_config\n",
-        [f"web.yml: must be a mapping with {_TOP}, got a list"],
+        [f"web.yml: must be a mapping with {_TOP}, got ['tls_server_config']"],
     ),
     (
         "unknown keys at the top and inside sections",
@@ -196,9 +196,9 @@ BAD_WEB_CONFIGS: list[tuple[str, str, list[str]]] = [
         "http_server_config:\n  http3: true\n",
         [
             f"web.yml: tls_config: unknown key (known: {_TOP})",
-            f"web.yml: tls_server_config.certfile: unknown key (known: {_TLS_KEYS})",
             "web.yml: tls_server_config.cert_file: missing: a key needs cert_file (or an inline"
             " cert)",
+            f"web.yml: tls_server_config.certfile: unknown key (known: {_TLS_KEYS})",
             "web.yml: http_server_config.http3: unknown key (known: http2, headers)",
         ],
     ),
@@ -234,8 +234,8 @@ BAD_WEB_CONFIGS: list[tuple[str, str, list[str]]] = [
         "tls_server_config:\n  cert_file: c.pem\n  cert: '-----BEGIN CERTIFICATE-----'\n"
         "  key: hunter2\n",
         [
-            "web.yml: tls_server_config.key: must be PEM text (-----BEGIN ...)",
             "web.yml: tls_server_config.cert: set only one of cert and cert_file",
+            "web.yml: tls_server_config.key: must be PEM text (-----BEGIN ...)",
         ],
     ),
     (
@@ -318,9 +318,24 @@ BAD_WEB_CONFIGS: list[tuple[str, str, list[str]]] = [
         "rate limit",
         "rate_limit:\n  interval: 1s\n  burst: 0\n  bursts: 3\n",
         [
-            "web.yml: rate_limit.bursts: unknown key (known: interval, burst)",
             "web.yml: rate_limit.burst: must be a positive integer when interval is set, got 0",
+            "web.yml: rate_limit.bursts: unknown key (known: interval, burst)",
         ],
+    ),
+    (
+        "nesting too deep for the YAML parser",
+        "rate_limit: " + "[" * 2000 + "\n",
+        ["web.yml: invalid YAML: nested too deeply"],
+    ),
+    (
+        "an integer too long for Python",
+        "rate_limit:\n  interval: 1s\n  burst: " + "9" * 5000 + "\n",
+        ["web.yml:3:10: invalid YAML: integer with too many digits"],
+    ),
+    (
+        "a character YAML does not allow",
+        'basic_auth_users:\n  alice: "\x00"\n',
+        ["web.yml:2:11: invalid YAML: character 0x0000 is not allowed"],
     ),
     (
         "duplicate keys",
@@ -337,7 +352,8 @@ BAD_WEB_CONFIGS: list[tuple[str, str, list[str]]] = [
 def test_bad_web_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: list[str]
 ) -> None:
-    """Each bad web config gives exactly these lines, one per problem, file and key named."""
+    """Each bad web config gives exactly these lines, one per problem, file and key named, in
+    document order (a missing key where it belongs: after its section, before its siblings)."""
     monkeypatch.chdir(tmp_path)
     Path("web.yml").write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as caught:
@@ -427,6 +443,22 @@ def test_good_web_config(tmp_path: Path, pki: Pki) -> None:
     assert config.users
     for hashed in config.users.values():
         assert hashed.decode() not in repr(config)
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    """A `<<` merge copies a mapping's keys, and keys written beside it override them."""
+    path = tmp_path / "web.yml"
+    path.write_text(
+        "http_server_config:\n  headers: &strict\n    X-Frame-Options: deny\n"
+        "    X-Content-Type-Options: nosniff\n"
+        "  http2: false\n"
+        "rate_limit: {interval: 1s, burst: 3}\n"
+        "basic_auth_users:\n  <<: {alice: '" + _GOOD_HASH + "'}\n  alice: '" + _GOOD_HASH + "'\n",
+        encoding="utf-8",
+    )
+    config = load_web_config(path)
+    assert config.http.headers == {"X-Frame-Options": "deny", "X-Content-Type-Options": "nosniff"}
+    assert list(config.users) == ["alice"]
 
 
 def test_docs_example_is_valid() -> None:

@@ -1,0 +1,63 @@
+"""`tasks.task.counters.get`: a user's task counters, per group and role.
+
+One command per (user, group, role); the result is a map of counter name to
+`{"counter": n, "code": c}`, exported as::
+
+    bitrix24_tasks{portal="acme",user_id="1",group_id="0",role="view_all",
+                   counter="expired",code="6291456"} 3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from exporter.bitrix import Command
+from exporter.config import TasksSettings
+from exporter.mapping import Sample, task_counter_samples
+from exporter.metrics import TASKS, Family
+from exporter.sources import Planned, check_method
+
+METHOD = "tasks.task.counters.get"
+
+
+class TasksSource:
+    """Task counters of the watched users (config section `tasks`)."""
+
+    name: ClassVar[str] = "tasks"
+    method: ClassVar[str] = METHOD
+    families: ClassVar[tuple[Family, ...]] = (TASKS,)
+    scopes: ClassVar[tuple[str, ...]] = ("task",)
+    caller_only: ClassVar[bool] = False
+
+    def __init__(self, portal: str, settings: TasksSettings) -> None:
+        self.portal = portal
+        self.settings = settings
+
+    def plan(self, users: Sequence[int]) -> list[Planned]:
+        groups, roles = self.settings.groups, self.settings.roles
+        return [
+            Planned(
+                Command(
+                    f"t{user_id}_g{group_id}_{role}",
+                    METHOD,
+                    {"userId": user_id, "groupId": group_id, "type": role},
+                ),
+                user_id,
+                self,
+            )
+            for user_id in users
+            for group_id in groups
+            for role in roles
+        ]
+
+    def samples(self, planned: Planned, result: object) -> list[Sample]:
+        command = planned.command
+        check_method(self, command)
+        params = command.params
+        return task_counter_samples(
+            self.portal, planned.user_id, int(params["groupId"]), str(params["type"]), result
+        )
+
+    def describe(self, command: Command) -> str:
+        return f"group {command.params['groupId']}, role {command.params['type']}"
