@@ -1,5 +1,6 @@
 """Shared helpers for the operator-kit tests: the metric contract, the dashboard's and the
-rules' PromQL expressions, and reading the Dockerfile.
+rules' PromQL expressions, alerts.yml made quick for a real Prometheus, waiting on the
+Prometheus API, and reading the Dockerfile.
 
 The metric contract is read from docs/architecture.md, the one place it is written down, so
 the dashboard and the rules cannot drift from it unnoticed.
@@ -7,13 +8,19 @@ the dashboard and the rules cannot drift from it unnoticed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import promql_parser
+import pytest
 import yaml
 
 from tests.support import ROOT
@@ -198,3 +205,39 @@ def parse_dockerfile(text: str) -> list[Stage]:
 
 def parse_env(args: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in shlex.split(args))
+
+
+# --- a real Prometheus ------------------------------------------------------------------
+
+
+def short_for_alerts(target: Path) -> None:
+    """alerts.yml with every `for:` at 2s, so pending and firing happen within the test."""
+    rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "2s"
+    target.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
+
+
+# Liveness bound of each wait: every step happens within a few scrapes (1 s apart); this only
+# ends a test that would otherwise hang.
+LIVENESS = 90.0
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], what: str, timeout: float = LIVENESS, step: float = 0.25
+) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await check()
+        except (aiohttp.ClientError, OSError) as error:
+            last = error
+        else:
+            if last:
+                return last
+        await asyncio.sleep(step)
+    pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")

@@ -255,6 +255,23 @@ class LeakWatch(logging.Handler):
         return find_leaks(self.texts)
 
 
+def start_process(
+    started: list[subprocess.Popen[bytes]],
+    args: Sequence[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a server a test needs (Prometheus, Alertmanager) in the background and add it
+    to `started` (which the test's fixture stops by PID). Its output goes to `log`, in the
+    test's tmp_path and kept for failures: never to a pipe nobody reads."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            list(args), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    started.append(proc)
+    return proc
+
+
 # ---- the exporter in a child process ---------------------------------------------------
 
 

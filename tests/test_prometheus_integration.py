@@ -17,11 +17,10 @@ that user, with their name.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +30,15 @@ import yaml
 
 from exporter import fakeportal
 from tests.operator_kit_lib import (
-    ALERTS,
     RULES,
     Expr,
     dashboard_exprs,
     rule_exprs,
+    short_for_alerts,
     strip_threshold,
+    wait_until,
 )
-from tests.support import free_port, register_secret, require_binary
+from tests.support import free_port, register_secret, require_binary, start_process
 
 pytestmark = pytest.mark.integration
 
@@ -47,29 +47,6 @@ BETA_SECRET = "revokedwebhooksecret"
 register_secret(BETA_SECRET)
 # The user whose overdue count the test raises; demo_portal names user 3 "Clara Schmidt".
 RAISED_USER = 3
-
-
-# Liveness bound of each wait: every step happens within a few scrapes (1 s apart); this only
-# ends a test that would otherwise hang.
-LIVENESS = 90.0
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[Any]], what: str, timeout: float = LIVENESS, step: float = 0.25
-) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await check()
-        except (aiohttp.ClientError, OSError) as error:
-            last = error
-        else:
-            if last:
-                return last
-        await asyncio.sleep(step)
-    pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 class Prometheus:
@@ -94,16 +71,6 @@ class Prometheus:
         async with self.session.get(f"{self.url}{path}") as resp:
             body: dict[str, Any] = await resp.json()
             return body
-
-
-def short_for_alerts(target: Path) -> None:
-    """alerts.yml with every `for:` at 2s, so pending and firing happen within the test."""
-    rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            if "for" in rule:
-                rule["for"] = "2s"
-    target.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
 
 
 @pytest.fixture
@@ -136,20 +103,13 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
 
     def start(config: Path) -> int:
         port = free_port()
-        # Its output goes to a file in tmp_path, kept for failures; never an unread pipe.
-        with (tmp_path / "prometheus.log").open("wb") as out:
-            started.append(
-                subprocess.Popen(
-                    [
-                        require_binary("prometheus"),
-                        f"--config.file={config}",
-                        f"--storage.tsdb.path={tmp_path / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+        command = [
+            require_binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+        start_process(started, command, tmp_path / "prometheus.log")
         return port
 
     yield start

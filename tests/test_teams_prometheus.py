@@ -14,7 +14,6 @@ its name and, where the mode allows, its head.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,7 +34,7 @@ from tests.operator_kit_lib import (
     rule_exprs,
     strip_threshold,
 )
-from tests.support import free_port, require_binary
+from tests.support import free_port, require_binary, start_process
 from tests.teams_company import KEY, company, hashed, raw_config
 
 pytestmark = pytest.mark.integration
@@ -125,14 +124,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait()
 
 
-def start(started: list[subprocess.Popen[bytes]], args: list[str], log: Path, **env: str) -> None:
-    """Start a server in the background, output to `log` (kept in tmp_path for failures)."""
-    with log.open("wb") as out:
-        started.append(
-            subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        )
-
-
 @pytest.fixture
 async def company_url() -> AsyncIterator[tuple[fakeportal.FakePortal, str]]:
     portal = company()
@@ -176,7 +167,7 @@ async def test_teams_row_rules_and_alert_in_each_privacy_mode(
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config), "utf-8")
     prometheus_port = free_port()
-    start(
+    start_process(
         processes,
         [
             require_binary("prometheus"),
