@@ -193,6 +193,9 @@ class FakeSpec:
     operating_limit: float | None = 480.0
     operating_window: float = 600.0
     operating_cost: float = 0.0
+    operating_charge: float | None = None  # charged per call instead of operating_cost
+    other_client_rate: float = 0.0  # another integration's operating seconds per second
+    other_client_total: float = 0.0  # ... until it has spent this much
     latency: float = 0.0
     seed: int = 0
 

@@ -3,7 +3,8 @@
 Reads a JSON list of `FakeSpec` fields from the first line of stdin, serves one `FakePortal`
 per spec on 127.0.0.1, prints `{"urls": [...]}` and serves until SIGTERM. Every fake also
 answers `GET /_bench/stats?since=N[&times=1]` with what it recorded from request N on:
-request count, counts per HTTP status and per method, batch commands per inner method, and
+request count, counts per HTTP status and per method, batch commands per inner method, the
+highest `operating` of `tasks.task.counters.get` and what another client spent, and
 with `times=1` the arrival time (the monotonic clock, shared by every process on Linux) and
 status of each request. `now` is the fake's clock when it answered.
 """
@@ -26,6 +27,8 @@ from _common import SECRET, pin_from_env
 
 from exporter.fakeportal import FakePortal, FakeUser, serve
 
+TASKS_METHOD = "tasks.task.counters.get"
+
 
 def build(spec: dict[str, object]) -> FakePortal:
     portal = FakePortal(
@@ -34,9 +37,16 @@ def build(spec: dict[str, object]) -> FakePortal:
         operating_limit=spec["operating_limit"],  # type: ignore[arg-type]
         operating_window=spec["operating_window"],  # type: ignore[arg-type]
         operating_cost=spec["operating_cost"],  # type: ignore[arg-type]
+        operating_charge=spec["operating_charge"],  # type: ignore[arg-type]
         seed=spec["seed"],  # type: ignore[arg-type]
     )
     portal.faults.latency = float(spec["latency"])  # type: ignore[arg-type]
+    if spec["other_client_rate"]:
+        # Spends from the exporter's first request on.
+        portal.start_other_client(
+            float(spec["other_client_rate"]),  # type: ignore[arg-type]
+            total=float(spec["other_client_total"]),  # type: ignore[arg-type]
+        )
     for user_id in range(1, int(spec["users"]) + 1):  # type: ignore[call-overload]
         portal.add_user(FakeUser(user_id, f"User{user_id}", "Bench", admin=user_id == 1))
     portal.add_webhook(1, SECRET)
@@ -58,6 +68,8 @@ def build(spec: dict[str, object]) -> FakePortal:
             "methods": Counter(r.method for r in recorded),
             "commands": sum(r.commands for r in recorded),
             "batch_commands": inner,
+            "peak_operating": portal.peak_operating(TASKS_METHOD),
+            "other_client": portal.other_client_spent,
         }
         if request.query.get("times"):
             body["at"] = [r.at for r in recorded]

@@ -6,11 +6,10 @@ and a `ClientStats`. Every failure becomes a `BitrixError` that names the portal
 method, the HTTP status and the Bitrix error code, and never the webhook secret.
 
 Two limits are enforced on the client side so the portal never has to:
-- the leaky bucket (`rate_limit`): an `aiolimiter.AsyncLimiter` whose capacity and drain
-  rate are the portal's burst and requests per second;
+- the leaky bucket (`rate_limit`): `exporter.throttle.PortalThrottle`;
 - the per-method operating budget (`operating_limit` seconds of execution time per
-  10 minutes): `OperatingBudget` remembers `time.operating` and `operating_reset_at` from
-  each response and holds a method back before it would cross the limit.
+  10 minutes): `exporter.budget.OperatingBudget`, which learns from the `time` block of
+  every answer and decides how many calls of a method each request may carry.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Protocol
@@ -31,15 +28,26 @@ from urllib.parse import quote
 import aiohttp
 
 from exporter import __version__
-from exporter.failures import BitrixError as BitrixError
-from exporter.failures import Code
+from exporter.budget import MAX_BATCH, OPERATING_WINDOW, OperatingBudget, Reservation
+from exporter.failures import BitrixError, Code
 from exporter.metrics import DURATION_BUCKETS
+from exporter.throttle import PortalThrottle
+
+__all__ = [
+    "MAX_BATCH",
+    "OPERATING_WINDOW",
+    "BitrixClient",
+    "BitrixError",
+    "CallResult",
+    "ClientStats",
+    "Command",
+    "Credential",
+    "OperatingBudget",
+    "PortalThrottle",
+    "WebhookCredential",
+]
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 50
-# Bitrix24 sums each method's execution time over this many seconds (operating_limit).
-OPERATING_WINDOW = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,141 +128,6 @@ class ClientStats:
                 break
 
 
-class PortalThrottle:
-    """The client side of the portal's leaky bucket, shared by every credential of a portal."""
-
-    def __init__(self, requests_per_second: float, burst: int, stats: ClientStats) -> None:
-        from aiolimiter import AsyncLimiter
-
-        # Requests leave here a little before the portal sees them, and their delays vary:
-        # arrivals bunched by jitter could tip a full bucket. Headroom of a second's drain
-        # (at least 2 slots) absorbs up to a second of jitter at a sustained full rate.
-        headroom = max(2, math.ceil(requests_per_second))
-        capacity = burst - headroom if burst > 2 * headroom else max(1, burst // 2)
-        self.requests_per_second = requests_per_second
-        self.burst = burst
-        self._limiter = AsyncLimiter(capacity, capacity / requests_per_second)
-        self._paused_until = 0.0
-        self._stats = stats
-
-    async def acquire(self) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        # The pause end can move later while we sleep, hence a loop rather than one Event.
-        while (delay := self._paused_until - loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(delay)
-        await self._limiter.acquire()
-        self._stats.rate_limit_wait += loop.time() - started
-
-    def pause(self, seconds: float) -> None:
-        """Hold every request of the portal back (after QUERY_LIMIT_EXCEEDED)."""
-        now = asyncio.get_running_loop().time()
-        self._paused_until = max(self._paused_until, now + seconds)
-
-
-@dataclass
-class _MethodBudget:
-    operating: float = 0.0
-    reset_at: float = 0.0  # unix time when the oldest one-minute bucket expires
-    cost: float | None = None  # execution seconds of one call, once seen
-    reserved: float = 0.0  # estimated cost of calls in flight
-    in_flight: int = 0
-    known: bool = True  # False after a reset passed: the next response tells the new value
-    paused_until: float = 0.0  # unix time
-
-
-class OperatingBudget:
-    """Keeps each method under the portal's operating limit (seconds per 10 minutes)."""
-
-    # Estimates of per-call cost are rough; stay this far below the limit.
-    HEADROOM = 0.05
-
-    def __init__(self, limit: float, *, clock: Callable[[], float] = time.time) -> None:
-        self.limit = limit
-        self._methods: dict[str, _MethodBudget] = {}
-        self._clock = clock
-
-    def operating(self, method: str) -> float | None:
-        budget = self._methods.get(method)
-        return None if budget is None else budget.operating
-
-    def cost_of(self, method: str) -> float | None:
-        budget = self._methods.get(method)
-        return None if budget is None else budget.cost
-
-    def _budget(self, method: str) -> _MethodBudget:
-        return self._methods.setdefault(method, _MethodBudget())
-
-    def calls_that_fit(self, method: str, wanted: int) -> tuple[int, float]:
-        """How many of `wanted` calls may start now, or (0, seconds to wait)."""
-        budget = self._budget(method)
-        now = self._clock()
-        if budget.paused_until > now:
-            return 0, budget.paused_until - now
-        if not budget.known and budget.reset_at > now:
-            return 0, budget.reset_at - now + 1.0
-        if budget.reset_at and now >= budget.reset_at and budget.operating > 0:
-            # The oldest bucket expired: the total dropped by an amount only the portal knows.
-            budget.known = False
-        if budget.cost is None or not budget.known:
-            # Learn the cost (or the new total) from one call before sending more.
-            return (min(wanted, MAX_BATCH), 0.0) if budget.in_flight == 0 else (0, 0.5)
-        room = self.limit * (1 - self.HEADROOM) - budget.operating - budget.reserved
-        fit = wanted if budget.cost <= 0 else min(wanted, int(room // budget.cost))
-        if fit > 0:
-            return fit, 0.0
-        if budget.in_flight:
-            return 0, 0.5
-        wait = max(budget.reset_at - now, 0.0) + 1.0
-        budget.known = False
-        return 0, wait
-
-    def reserve(self, method: str, calls: int) -> float:
-        budget = self._budget(method)
-        estimate = calls * (budget.cost or 0.0)
-        budget.reserved += estimate
-        budget.in_flight += 1
-        return estimate
-
-    def release(self, method: str, estimate: float) -> None:
-        budget = self._budget(method)
-        budget.reserved = max(0.0, budget.reserved - estimate)
-        budget.in_flight = max(0, budget.in_flight - 1)
-
-    def record(self, method: str, time_block: object) -> None:
-        """Update from a response's `time` block (or a batch command's `result_time`)."""
-        if not isinstance(time_block, dict):
-            return
-        budget = self._budget(method)
-        # Finite numbers only: JSON may carry NaN, Infinity or integers beyond float.
-        duration = _finite(time_block.get("duration"))
-        if duration is not None and duration >= 0:
-            budget.cost = duration if budget.cost is None else 0.8 * budget.cost + 0.2 * duration
-        operating = _finite(time_block.get("operating"))
-        if operating is not None:
-            budget.operating = operating
-            budget.known = True
-        reset_at = _finite(time_block.get("operating_reset_at"))
-        if reset_at is not None:
-            # No bucket outlives the window: a reset further ahead is a skewed clock (or a
-            # broken answer) and must not hold a method back for longer than the window.
-            budget.reset_at = min(reset_at, self._clock() + OPERATING_WINDOW)
-
-    def paused(self, method: str) -> bool:
-        """Whether OPERATION_TIME_LIMIT holds `method` back now."""
-        budget = self._methods.get(method)
-        return budget is not None and budget.paused_until > self._clock()
-
-    def pause(self, method: str) -> float:
-        """After OPERATION_TIME_LIMIT: hold the method until its oldest bucket expires."""
-        budget = self._budget(method)
-        now = self._clock()
-        until = budget.reset_at + 1.0 if budget.reset_at > now else now + 60.0
-        budget.paused_until = max(budget.paused_until, until)
-        budget.known = False
-        return budget.paused_until - now
-
-
 @dataclass(frozen=True)
 class Command:
     """One call inside a batch; `key` must not look like a number."""
@@ -297,17 +170,6 @@ class CallResult:
     next: int | None = None
 
 
-def _finite(value: object) -> float | None:
-    """A JSON number as a finite float, or None."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -337,6 +199,7 @@ class BitrixClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.retry = retry
         self._concurrency = asyncio.Semaphore(concurrency)
+        self._in_flight = concurrency
         self._random = random.Random()
 
     # -- public API -------------------------------------------------------------
@@ -344,7 +207,7 @@ class BitrixClient:
     async def call(self, method: str, params: Mapping[str, Any] | None = None) -> CallResult:
         """One method call; raises BitrixError."""
         body = await self._send(method, dict(params or {}), {method: 1})
-        self.budget.record(method, body.get("time"))
+        self.budget.record(method, [body.get("time")])
         self._note_operating(method)
         return CallResult(
             result=body.get("result"),
@@ -364,7 +227,11 @@ class BitrixClient:
         tasks: set[asyncio.Task[None]] = set()
         try:
             while pending or tasks:
-                chunk, wait = self._next_chunk(pending)
+                # A chunk is planned (and its calls counted against the budget) only when it
+                # can leave: planned far ahead, it would rely on a total that others' spending
+                # may have outgrown by the time it is sent.
+                room = len(tasks) < self._in_flight
+                chunk, wait = self._next_chunk(pending) if room else ([], 0.0)
                 if chunk:
                     reservations = self._reserve(chunk)
                     tasks.add(asyncio.create_task(self._run_chunk(chunk, reservations, outcome)))
@@ -415,14 +282,14 @@ class BitrixClient:
         pending[:seen] = skipped
         return chunk, (0.0 if chunk else max(shortest_wait, 0.05))
 
-    def _reserve(self, chunk: list[Command]) -> dict[str, float]:
+    def _reserve(self, chunk: list[Command]) -> dict[str, Reservation]:
         calls = Counter(c.method for c in chunk)
         return {method: self.budget.reserve(method, n) for method, n in calls.items()}
 
     async def _run_chunk(
         self,
         chunk: list[Command],
-        reservations: dict[str, float],
+        reservations: dict[str, Reservation],
         outcome: dict[str, Any | BitrixError],
     ) -> None:
         try:
@@ -433,13 +300,15 @@ class BitrixClient:
                 if held:
                     outcome.update({c.key: self._held(c) for c in held})
                     chunk = [c for c in chunk if not self.budget.paused(c.method)]
-                results = await self._batch_request(chunk) if chunk else {}
+                results = await self._batch_request(chunk, reservations) if chunk else {}
         finally:
-            for method, estimate in reservations.items():
-                self.budget.release(method, estimate)
+            for reservation in reservations.values():
+                self.budget.release(reservation)
         outcome.update(results)
 
-    async def _batch_request(self, chunk: list[Command]) -> dict[str, Any | BitrixError]:
+    async def _batch_request(
+        self, chunk: list[Command], reservations: Mapping[str, Reservation]
+    ) -> dict[str, Any | BitrixError]:
         calls = dict(Counter(c.method for c in chunk))
         payload = {
             "halt": 0,
@@ -462,8 +331,11 @@ class BitrixClient:
         errors = _section(sections, "result_error")
         times = _section(sections, "result_time")
         outcome: dict[str, Any | BitrixError] = {}
+        for method in calls:
+            # In call order: the growth of `operating` between the calls is their cost.
+            blocks = [times.get(c.key) for c in chunk if c.method == method]
+            self.budget.record(method, blocks, reservations.get(method))
         for command in chunk:
-            self.budget.record(command.method, times.get(command.key))
             if command.key in errors:
                 outcome[command.key] = self._command_error(command, errors[command.key])
             elif command.key in results:
@@ -532,13 +404,24 @@ class BitrixClient:
                 if error.error == "QUERY_LIMIT_EXCEEDED":
                     # Someone else drains the same bucket: give it time to leak.
                     self.throttle.pause(max(delay, 1.0 / self.throttle.requests_per_second))
+                    self.stats.rate_limit_wait += delay
                 log.debug("%s; retry %d in %.2fs", error, attempt + 1, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
 
     async def _attempt(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        await self.throttle.acquire()
+        # The target first: getting it may refresh a token, which must not happen between
+        # the bucket letting the request go and the request leaving.
         url, extra = await self.credential.target(self._session, method)
+        ticket = await self.throttle.acquire()
+        try:
+            return await self._post(method, {**params, **extra}, url, ticket)
+        finally:
+            self.throttle.answered(ticket)
+
+    async def _post(
+        self, method: str, body: dict[str, Any], url: str, ticket: int
+    ) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         status: int | None = None
@@ -546,11 +429,13 @@ class BitrixClient:
         try:
             async with self._session.post(
                 url,
-                json={**params, **extra},
+                json=body,
                 headers={"Accept": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=True,
             ) as response:
+                # The status line is in: the portal has counted the request by now.
+                self.throttle.answered(ticket)
                 status = response.status
                 code = str(status)
                 raw = await response.read()

@@ -1,4 +1,4 @@
-"""Whether the configured load fits the portal's limits: the warnings, as pure functions.
+"""Whether the configured load fits the portal's limits, said once.
 
 A load that does not fit is not an error (the exporter stretches its cycles and reports
 `bitrix24_poll_behind_seconds`), but the admin should hear it once, with the numbers.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from exporter.bitrix import MAX_BATCH, OPERATING_WINDOW, OperatingBudget
+from exporter.bitrix import MAX_BATCH, OperatingBudget
 from exporter.config import Config, Portal
 from exporter.oncelog import OnceLog
 from exporter.sources import Planned
@@ -37,20 +37,6 @@ def load_warning(
     )
 
 
-def budget_warning(
-    portal: str, method: str, cost: float, calls: int, interval: float, limit: float
-) -> str | None:
-    """The warning when one cycle's calls of `method` spend more than its operating limit."""
-    per_window = cost * calls * (OPERATING_WINDOW / interval)
-    if per_window <= limit:
-        return None
-    return (
-        f"portal {portal}: {method} costs about {cost:.3f}s per call; {calls} calls every"
-        f" {interval:.0f}s need {per_window:.0f}s of the {limit:.0f}s operating budget per"
-        " 10 minutes: cycles will be stretched to fit"
-    )
-
-
 class CapacityCheck:
     """Says, through a portal's once-log, when its configured load does not fit."""
 
@@ -69,16 +55,14 @@ class CapacityCheck:
         else:
             self.once.say("load", warning)
 
-    def check_budget(self, plan: list[Planned], budget: OperatingBudget) -> None:
-        """After a cycle's calls: does each method's cost fit its operating limit?
-
-        Never resolved: the cost is an estimate that moves around the limit from call to
-        call, and the warning is about the configured load, not about one cycle."""
-        interval, limit = self.config.poll_interval, self.portal.operating_limit
+    def expect_budget(self, plan: list[Planned], budget: OperatingBudget) -> None:
+        """Before a cycle's calls: tell the budget what each method will be asked for; it
+        says, once and as soon as the first answers tell what a call costs, when that
+        does not fit the operating limit."""
+        interval = self.config.poll_interval
         for method, calls in Counter(planned.command.method for planned in plan).items():
-            cost = budget.cost_of(method)
-            if cost is None:
-                continue
-            warning = budget_warning(self.portal.name, method, cost, calls, interval, limit)
-            if warning is not None:
-                self.once.say(f"budget-{method}", warning, signature="over")
+
+            def warn(text: str, method: str = method) -> None:
+                self.once.say(f"budget-{method}", f"portal {self.portal.name}: {text}")
+
+            budget.expect(method, calls=calls, every=interval, warn=warn)

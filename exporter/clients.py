@@ -5,7 +5,7 @@ per-user webhook) gets a `BitrixClient`; all of them share one `PortalThrottle`
 (Bitrix24 counts requests per portal, whichever credential sends them) and one
 `ClientStats`, and each has its own `OperatingBudget` (Bitrix24 counts operating time per
 credential and method). After a config reload the next set keeps whatever still applies:
-the bucket under the same rate limit, the budgets under the same operating limit, and
+the bucket under the same rate limit, the budgets under the same operating limit and window, and
 every credential with its tokens, so a reload causes no burst and no token refresh.
 """
 
@@ -56,14 +56,19 @@ class PortalClients:
             if old and same_rate
             else PortalThrottle(rate.requests_per_second, rate.burst, self.stats)
         )
-        same_limit = old is not None and old.portal.operating_limit == portal.operating_limit
+        budget_settings = (portal.operating_limit, portal.operating_window)
+        same_limit = old is not None and (
+            (old.portal.operating_limit, old.portal.operating_window) == budget_settings
+        )
         old_budgets = old.budgets if old and same_limit else {}
         old_credentials = old.credentials if old else {}
         self.budgets: dict[Auth, OperatingBudget] = {}
         self.credentials: dict[Auth, Credential] = {}
 
         def client(auth: Auth) -> BitrixClient:
-            budget = old_budgets.get(auth) or OperatingBudget(portal.operating_limit)
+            budget = old_budgets.get(auth) or OperatingBudget(
+                portal.operating_limit, window=portal.operating_window
+            )
             credential = old_credentials.get(auth) or credential_for(auth, portal.name)
             self.budgets[auth] = budget
             self.credentials[auth] = credential

@@ -597,6 +597,8 @@ class Portal:
     auth: WebhookAuth | OAuthAuth = setting(_CREDENTIALS)
     rate_limit: RateLimit = setting(_rate_limit, default=STANDARD)
     operating_limit: float = setting(_positive_duration, default=480.0)
+    # What Bitrix24 sums operating_limit over; another value only for a test portal.
+    operating_window: float = setting(_positive_duration, default=600.0)
     tasks: TasksSettings = setting(nested(TasksSettings), default=TasksSettings())
     im: ImSettings = setting(nested(ImSettings), default=ImSettings())
     teams: TeamsSettings = setting(nested(TeamsSettings), default=TeamsSettings())

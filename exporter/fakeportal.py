@@ -24,7 +24,10 @@ the leaky bucket and `Faults` do not apply to it.
 
 It records every HTTP request it gets and can misbehave on purpose through `Faults`:
 latency, 500s, truncated JSON, nginx HTML 502 pages, hangs, connection resets and bursts of
-rate-limit errors, each drawn from a seeded RNG so a run can be replayed.
+rate-limit errors, each drawn from a seeded RNG so a run can be replayed. Two switches make
+the operating budget harder to read: `operating_charge` charges every call a fixed cost that
+`duration` does not show, and `start_other_client` has another integration spend the same
+webhooks' budget while the exporter runs.
 
 It deliberately imports nothing from the rest of the exporter: it plays the remote side.
 """
@@ -357,6 +360,7 @@ class _OperatingBudget:
 
     window: float
     buckets: list[list[float]] = field(default_factory=list)  # [opened_at, seconds]
+    peak: float = 0.0  # the highest the sum has been
 
     def used(self, now: float) -> float:
         self.buckets = [b for b in self.buckets if b[0] + self.window > now]
@@ -368,9 +372,22 @@ class _OperatingBudget:
             self.buckets[-1][1] += seconds
         else:
             self.buckets.append([now, seconds])
+        self.peak = max(self.peak, self.used(now))
 
     def resets_at(self) -> float | None:
         return self.buckets[0][0] + self.window if self.buckets else None
+
+
+@dataclass
+class _OtherClient:
+    """Another integration spending `rate` operating seconds per second of `method`."""
+
+    rate: float
+    total: float
+    method: str
+    since: float | None = None  # loop time it was last accounted for (None: not yet)
+    spent: float = 0.0
+    refused: int = 0  # its calls that got 429 OPERATION_TIME_LIMIT
 
 
 _Handler = Callable[[Credential, dict[str, Any]], _Result]
@@ -382,7 +399,10 @@ class FakePortal:
     `requests_per_second`/`burst` set the portal's leaky bucket (None: no rate limit).
     `operating_limit` seconds per `operating_window` is the budget per credential and method
     (None: no limiter and no `operating` fields, like a self-hosted portal); every limited
-    call costs `operating_cost` seconds, without sleeping. `legacy_counters` switches
+    call costs `operating_cost` seconds, without sleeping, reported as its `duration` and
+    charged to the budget. `operating_charge`, when set, is charged instead, whatever the
+    `duration` says (a portal under load, or one that counts what the client cannot see).
+    `legacy_counters` switches
     `tasks.task.counters.get` to the pre-20.800 names. `seed` drives faults and default
     counters. `clock` (default: the event loop's) times the leaky bucket, the operating budget
     and the recorded arrivals; a test passes its own to move time by hand. The constructor
@@ -397,6 +417,7 @@ class FakePortal:
         operating_limit: float | None = 480.0,
         operating_window: float = 600.0,
         operating_cost: float = 0.0,
+        operating_charge: float | None = None,
         legacy_counters: bool = False,
         seed: int = 0,
         clock: Callable[[], float] | None = None,
@@ -406,6 +427,7 @@ class FakePortal:
         self.operating_limit = operating_limit
         self.operating_window = operating_window
         self.operating_cost = operating_cost
+        self.operating_charge = operating_charge
         self.legacy_counters = legacy_counters
         self.seed = seed
         self.clock = clock or _loop_time
@@ -432,6 +454,7 @@ class FakePortal:
         self.notifications: list[SentNotification] = []
         self._next_message_id = 1
         self._budgets: dict[tuple[str, str], _OperatingBudget] = {}
+        self._other: _OtherClient | None = None
         self._bucket_level = 0.0
         self._bucket_at: float | None = None
         # Set on shutdown so hanging handlers give up instead of holding the runner for a minute.
@@ -575,6 +598,27 @@ class FakePortal:
     def add_group(self, group_id: int) -> None:
         """Make `groupId` valid for `tasks.task.counters.get`."""
         self.groups.add(group_id)
+
+    def start_other_client(
+        self, rate: float, *, total: float = float("inf"), method: str = "tasks.task.counters.get"
+    ) -> None:
+        """Another integration on the same webhooks spends their budget from now on.
+
+        It runs `method` for `rate` seconds of operating time per second (until `total`
+        seconds are spent), charged to every webhook's budget of that method as time passes,
+        and like any client it is refused (and charged nothing) while a budget is over the
+        limit. From the next request on; `rate=0` stops it.
+        """
+        self._other = _OtherClient(rate, total, method) if rate > 0 else None
+
+    @property
+    def other_client_spent(self) -> tuple[float, int]:
+        """Seconds the other integration spent, and how many of its calls got 429."""
+        return (0.0, 0) if self._other is None else (self._other.spent, self._other.refused)
+
+    def peak_operating(self, method: str) -> float:
+        """The highest `operating` any credential's budget of `method` has reached."""
+        return max((b.peak for (_, m), b in self._budgets.items() if m == method), default=0.0)
 
     def count(self, method: str | None = None, status: int | None = None) -> int:
         """How many recorded HTTP requests match the Bitrix method and/or HTTP status."""
@@ -784,6 +828,7 @@ class FakePortal:
             raise _ApiError.of(401, _INSUFFICIENT_SCOPE)
         loop_now = self.clock()
         started = time.time()
+        self._spend_elsewhere(loop_now)
         # `batch` is exempt from the limiter; its commands are charged one by one.
         limited = method != "batch"
         if limited and self.faults.operation_time_limit:
@@ -796,7 +841,8 @@ class FakePortal:
         if limited and over:
             raise _ApiError.of(429, _OPERATION_LIMIT)
         cost = self.operating_cost if limited else 0.0
-        budget.charge(loop_now, cost)
+        charge = cost if self.operating_charge is None or not limited else self.operating_charge
+        budget.charge(loop_now, charge)
         result = handler(credential, params)
         processing = time.time() - started
         duration = result.duration if result.duration is not None else cost
@@ -815,6 +861,32 @@ class FakePortal:
                 block["operating_reset_at"] = round(started + (resets_at - loop_now))
             block["operating"] = budget.used(loop_now)
         return result, block
+
+    def _spend_elsewhere(self, now: float) -> None:
+        """Charge what the other integration spent since the last request, in steps of time."""
+        other = self._other
+        if other is None:
+            return
+        if other.since is None:
+            other.since = now
+            return
+        step = self.operating_window / 100  # a tenth of a bucket: lands in the right bucket
+        keys = [f"webhook:{secret}" for secret, hook in self._webhooks.items() if not hook.revoked]
+        at = other.since
+        while at < now and other.spent < other.total:
+            span = min(step, now - at)
+            at += span
+            seconds = min(other.rate * span, other.total - other.spent)
+            for key in keys:
+                budget = self._budgets.setdefault(
+                    (key, other.method), _OperatingBudget(self.operating_window)
+                )
+                if self.operating_limit is not None and budget.used(at) > self.operating_limit:
+                    other.refused += 1
+                    continue
+                budget.charge(at, seconds)
+            other.spent += seconds
+        other.since = now
 
     # ---- methods ----------------------------------------------------------------------------
 

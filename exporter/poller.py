@@ -181,6 +181,7 @@ class PortalPoller:
         )
         plan = self.planner.plan(users, profile.user_id)
         self.capacity.check_load(len(plan), len(self.clients.callers))
+        self.capacity.expect_budget(plan, self.main.budget)
         outcome = await self.main.batch([p.command for p in plan]) if plan else {}
         now = self._clock()
         reached = not plan
@@ -206,7 +207,6 @@ class PortalPoller:
         for auth, client in self.clients.callers.items():
             kept += await self._collect_caller(auth, client, now, fresh)
         self.store.keep_only(set(kept), set(fresh))
-        self.capacity.check_budget(plan, self.main.budget)
         if auth_error is not None:
             self.directory.forget_profile()
             return _CycleResult(False, auth_error, fresh)

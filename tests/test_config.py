@@ -99,7 +99,7 @@ def test_minimal_config_gets_every_default() -> None:
     assert config.source == "<config>"
     portal = config.portals[0]
     assert portal.rate_limit == STANDARD == RateLimit(2.0, 50)
-    assert portal.operating_limit == 480.0
+    assert (portal.operating_limit, portal.operating_window) == (480.0, 600.0)
     assert portal.tasks == TasksSettings(
         enabled=True, users="self", exclude_users=frozenset(), groups=(0,), roles=("view_all",)
     )
@@ -143,6 +143,7 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             webhook: https://acme.bitrix24.com:8443/sub/rest/07/{SECRET}
             rate_limit: enterprise
             operating_limit: 7m
+            operating_window: 30s
             tasks:
               enabled: no
               users: [1, 17, 42]
@@ -174,7 +175,7 @@ def test_every_key_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert acme.name == "acme.prod-1"
     assert acme.auth == WebhookAuth(f"https://acme.bitrix24.com:8443/sub/rest/7/{SECRET}/")
     assert acme.rate_limit == ENTERPRISE == RateLimit(5.0, 250)
-    assert acme.operating_limit == 420.0
+    assert (acme.operating_limit, acme.operating_window) == (420.0, 30.0)
     assert acme.tasks == TasksSettings(
         enabled=False,
         users=(1, 17, 42),
@@ -674,7 +675,7 @@ BAD_CONFIGS: list[tuple[str, str, list[str]]] = [
         [
             f"config.yaml: pol_interval: unknown key (known: {_KNOWN_TOP})",
             "config.yaml: portals[0].task: unknown key (known: name, webhook, webhook_file, "
-            "oauth, rate_limit, operating_limit, tasks, im, teams, privacy)",
+            "oauth, rate_limit, operating_limit, operating_window, tasks, im, teams, privacy)",
             f"config.yaml: portals[0].tasks.role: unknown key (known: {_KNOWN_TASKS})",
             "config.yaml: portals[0].im.chat: unknown key (known: enabled, webhooks, chats)",
             "config.yaml: portals[0].rate_limit.bursts: unknown key (known: requests_per_second, "
