@@ -123,6 +123,14 @@ class OperatingBudget:
         state = self._methods.get(method)
         return None if state is None else state.cost
 
+    def cost_bound(self, method: str) -> float | None:
+        """The cost per call once learned, else the most a call can have cost: the smallest
+        total an answer reported (what one call tells, as `doctor` makes it)."""
+        state = self._methods.get(method)
+        if state is None:
+            return None
+        return state.cost if state.cost is not None else state.bound
+
     # -- deciding ---------------------------------------------------------------
 
     def calls_that_fit(self, method: str, wanted: int) -> tuple[int, float]:
