@@ -9,10 +9,10 @@ roles (`tests/fault_portal.py`, another process, steered over HTTP) every 0.3 s,
 process; then it is switched off and this process reads /metrics every 10 ms until `up` is 1
 and every user was fetched after the switch.
 
-OPERATION_TIME_LIMIT comes first, while the portal's budget window (10 s here, 600 s on a
-real portal) still has its first bucket ahead, and is switched off as soon as /metrics counts
-the first one: a spell that outlasts the reset the exporter last heard of holds the method
-for 60 s by design (no reset known), which would measure that fallback instead.
+OPERATION_TIME_LIMIT comes first, while the portal's budget window (10 s here, and the
+exporter is told so with `operating_window`; 600 s on a real portal) still has its first
+bucket ahead, and is switched off as soon as the portal has refused one batch: the exporter
+holds the cycle until the reset, so /metrics shows the refusal only when the hold ends.
 
 Reported per fault: the slowest /metrics and /healthz answer during it, and the seconds from
 the end of the fault to fresh data. Goals: no answer over 100 ms; fresh data within a poll
@@ -83,6 +83,16 @@ class FaultPortal:
         self._proc.stdin.close()  # the portal stops when its stdin closes
         await stop(self._proc)
 
+    async def refused_once(self) -> None:
+        """Until the portal answers a batch: with OPERATION_TIME_LIMIT on, a refused one."""
+        async with self._session.get(self._control + "/requests") as response:
+            switched = len(await response.json())
+        while True:
+            async with self._session.get(self._control + f"/requests?since={switched}") as r:
+                if any(row["status"] == 200 for row in await r.json()):
+                    return
+            await asyncio.sleep(0.01)
+
     async def post(self, path: str, body: dict[str, Any] | None = None) -> None:
         async with self._session.post(self._control + path, json=body or {}) as response:
             response.raise_for_status()
@@ -136,17 +146,6 @@ def fresh(text: str, since: float) -> bool:
     )
 
 
-async def first_seen(session: aiohttp.ClientSession, url: str, error: str) -> None:
-    """Until /metrics counts `error` in bitrix24_api_errors_total."""
-    while True:
-        async with session.get(url + "/metrics") as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            if any(s.labels.get("error") == error for s in family.samples):
-                return
-        await asyncio.sleep(0.01)
-
-
 async def recovery(session: aiohttp.ClientSession, url: str, since: float) -> float:
     started = time.monotonic()
     while True:
@@ -174,6 +173,7 @@ async def run(seconds: float) -> None:
                     "webhook": f"{portal.url}/rest/1/{SECRET}/",
                     "tasks": {"users": "all", "roles": list(ROLES)},
                     "rate_limit": {"requests_per_second": 1000, "burst": 1000},
+                    "operating_window": f"{WINDOW:g}s",
                 }
             ],
         }
@@ -188,7 +188,7 @@ async def run(seconds: float) -> None:
                     if fault.get("stop"):
                         await portal.post("/stop")
                     if "operation_time_limit" in fault.get("faults", {}):
-                        await first_seen(session, exporter.url, "OPERATION_TIME_LIMIT")
+                        await portal.refused_once()
                     else:
                         await asyncio.sleep(seconds)
                     await portal.post("/faults")
