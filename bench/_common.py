@@ -35,16 +35,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from exporter.config import Config, parse_config  # noqa: E402
+from exporter.config import ROLES, Config, parse_config  # noqa: E402
 
 SECRET = "bench0webhook0secret0value"
-ROLES = (
-    "view_all",
-    "view_role_responsible",
-    "view_role_accomplice",
-    "view_role_auditor",
-    "view_role_originator",
-)
 PLANS = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
 # What Prometheus 2.x sends when it scrapes: OpenMetrics preferred, gzip.
 PROMETHEUS_HEADERS = {

@@ -404,7 +404,9 @@ class FakePortal:
     `duration` says (a portal under load, or one that counts what the client cannot see).
     `legacy_counters` switches
     `tasks.task.counters.get` to the pre-20.800 names. `seed` drives faults and default
-    counters. The constructor arguments stay public attributes and can be changed later.
+    counters. `clock` (default: the event loop's) times the leaky bucket, the operating budget
+    and the recorded arrivals; a test passes its own to move time by hand. The constructor
+    arguments stay public attributes and can be changed later.
     """
 
     def __init__(
@@ -418,6 +420,7 @@ class FakePortal:
         operating_charge: float | None = None,
         legacy_counters: bool = False,
         seed: int = 0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.requests_per_second = requests_per_second
         self.burst = burst
@@ -427,6 +430,7 @@ class FakePortal:
         self.operating_charge = operating_charge
         self.legacy_counters = legacy_counters
         self.seed = seed
+        self.clock = clock or _loop_time
         self.users: dict[int, FakeUser] = {}
         self.groups: set[int] = set()
         self.departments: dict[int, FakeDepartment] = {}
@@ -658,7 +662,7 @@ class FakePortal:
             await asyncio.wait_for(self._closing.wait(), seconds)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        at = asyncio.get_running_loop().time()
+        at = self.clock()
         raw_method = request.match_info["method"]
         method = _method_name(raw_method)
         params = await _read_params(request)
@@ -729,7 +733,7 @@ class FakePortal:
         """The portal's leaky bucket: False means 503 QUERY_LIMIT_EXCEEDED."""
         if self.requests_per_second is None:
             return True
-        now = asyncio.get_running_loop().time()
+        now = self.clock()
         if self._bucket_at is not None:
             drained = (now - self._bucket_at) * self.requests_per_second
             self._bucket_level = max(0.0, self._bucket_level - drained)
@@ -762,7 +766,7 @@ class FakePortal:
     # ---- the OAuth server -------------------------------------------------------------------
 
     async def _token(self, request: web.Request) -> web.Response:
-        at = asyncio.get_running_loop().time()
+        at = self.clock()
         params = {k: request.query[k] for k in request.query}
         shown = _masked(params)
         index = len(self.requests)
@@ -822,7 +826,7 @@ class FakePortal:
         needed = _METHOD_SCOPES.get(method)
         if needed is not None and credential.scopes.isdisjoint(needed):
             raise _ApiError.of(401, _INSUFFICIENT_SCOPE)
-        loop_now = asyncio.get_running_loop().time()
+        loop_now = self.clock()
         started = time.time()
         self._spend_elsewhere(loop_now)
         # `batch` is exempt from the limiter; its commands are charged one by one.
@@ -1161,6 +1165,10 @@ class FakePortal:
 
 
 # ---- module helpers -------------------------------------------------------------------------
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
 
 
 # The demo company: four levels, a department without a head (Support, Key Accounts).

@@ -1,5 +1,6 @@
 """Shared helpers for the operator-kit tests: the metric contract, the dashboard's and the
-rules' PromQL expressions, and finding the external tools the tests run.
+rules' PromQL expressions, alerts.yml made quick for a real Prometheus, waiting on the
+Prometheus API, and reading the Dockerfile.
 
 The metric contract is read from docs/architecture.md, the one place it is written down, so
 the dashboard and the rules cannot drift from it unnoticed.
@@ -7,20 +8,23 @@ the dashboard and the rules cannot drift from it unnoticed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
-import shutil
-import socket
-import sys
-from dataclasses import dataclass
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import promql_parser
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 DASHBOARD = ROOT / "grafana" / "dashboards" / "bitrix24.json"
 RULES = ROOT / "prometheus" / "rules.yml"
 ALERTS = ROOT / "prometheus" / "alerts.yml"
@@ -29,23 +33,6 @@ SCHEMA_TOOLS = ROOT / "tools" / "grafana-schema"
 
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
-
-
-def require_binary(name: str) -> str:
-    """Path of an external tool; a missing tool fails the test (CI installs all of them)."""
-    venv_bin = Path(sys.executable).parent / name
-    if venv_bin.exists():
-        return str(venv_bin)
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} not found on PATH or in the venv; run scripts/bootstrap")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def contract_metrics() -> dict[str, frozenset[str]]:
@@ -181,3 +168,76 @@ def selectors(expr: str) -> list[tuple[str | None, list[tuple[str, str]]]]:
 
     promql_parser.walk(promql_parser.parse(expr), visit)
     return found
+
+
+# --- the Dockerfile ---------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str | None
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages of a Dockerfile as (INSTRUCTION, arguments) lists; continuations joined."""
+    lines: list[str] = []
+    pending = ""
+    for raw in text.splitlines():
+        if not pending and raw.lstrip().startswith("#"):
+            continue
+        if raw.rstrip().endswith("\\"):
+            pending += raw.rstrip()[:-1] + " "
+            continue
+        lines.append(pending + raw)
+        pending = ""
+    stages: list[Stage] = []
+    for line in filter(str.strip, lines):
+        instruction, _, args = line.strip().partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            m = re.search(r"\bAS\s+(\S+)", args, re.I)
+            stages.append(Stage(m.group(1) if m else None))
+        elif stages:
+            stages[-1].instructions.append((instruction, args.strip()))
+    return stages
+
+
+def parse_env(args: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in shlex.split(args))
+
+
+# --- a real Prometheus ------------------------------------------------------------------
+
+
+def short_for_alerts(target: Path) -> None:
+    """alerts.yml with every `for:` at 2s, so pending and firing happen within the test."""
+    rules = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = "2s"
+    target.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
+
+
+# Liveness bound of each wait: every step happens within a few scrapes (1 s apart); this only
+# ends a test that would otherwise hang.
+LIVENESS = 90.0
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any]], what: str, timeout: float = LIVENESS, step: float = 0.25
+) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await check()
+        except (aiohttp.ClientError, OSError) as error:
+            last = error
+        else:
+            if last:
+                return last
+        await asyncio.sleep(step)
+    pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from exporter.fakeportal import NEW_COUNTER_CODES, FakeDepartment, FakePortal, FakeUser
-from tests.conftest import register_secret
+from tests.support import register_secret
 
 SECRET = "teamsw3bh00ks3cr3t"
 KEY = "pseudonym-key-0123456789"

@@ -15,7 +15,7 @@ from exporter.alerts.route import MAX_BODY
 from exporter.fakeportal import FakeDepartment, FakePortal
 from exporter.server import build_app
 from tests.alertlib import TOKEN, alert, body, receiver
-from tests.conftest import (
+from tests.support import (
     LeakWatch,
     config_of,
     make_portal,
@@ -122,7 +122,7 @@ async def test_firing_then_resolved_reaches_chat_and_user(start: Start, portal: 
             series(text, "bitrix24_api_requests_total", method=method, code="200")
             for method in ("im.message.add", "im.notify.system.add")
         ]
-        return [list(found.values()) for found in sends] == [[2.0], [2.0]]
+        return [[s.value for s in found] for found in sends] == [[2.0], [2.0]]
 
     await wait_for(counted)
     text = await metrics_text(client)
@@ -252,7 +252,7 @@ async def test_a_refused_target_answers_422_and_the_rest_is_delivered(
             target="chat",
             outcome="failed",
         )
-        return list(found.values()) == [1.0]
+        return [s.value for s in found] == [1.0]
 
     await wait_for(counted)
 

@@ -17,7 +17,7 @@ from exporter.fakeportal import FakePortal
 from exporter.server import build_app
 from exporter.webconfig import WebSecurity
 from tests.alertlib import TOKEN, alert, body, receiver
-from tests.conftest import config_of, make_portal, portal_config, register_secret, wait_for
+from tests.support import config_of, make_portal, portal_config, register_secret, wait_for
 
 register_secret(TOKEN)
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -7,7 +7,8 @@ runtime stage's entrypoint exists in the copied venv, starts `bitrix24-exporter 
 docker-compose.yml does, and runs the image's HEALTHCHECK command against it.
 
 What it cannot catch: differences between the host's Python and the pinned base image, and
-anything about users, file permissions or layers.
+anything about users, file permissions or layers. It installs from the package index, hence
+the `integration` marker.
 """
 
 from __future__ import annotations
@@ -19,49 +20,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.operator_kit_lib import ROOT, free_port
+from tests.operator_kit_lib import parse_dockerfile, parse_env
+from tests.support import ROOT, ExporterProcess, free_port, value
 
-
-@dataclass
-class Stage:
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-
-def parse_dockerfile(text: str) -> list[Stage]:
-    """Stages of a Dockerfile as (INSTRUCTION, arguments) lists; continuations joined."""
-    lines: list[str] = []
-    pending = ""
-    for raw in text.splitlines():
-        if not pending and raw.lstrip().startswith("#"):
-            continue
-        if raw.rstrip().endswith("\\"):
-            pending += raw.rstrip()[:-1] + " "
-            continue
-        lines.append(pending + raw)
-        pending = ""
-    stages: list[Stage] = []
-    for line in filter(str.strip, lines):
-        instruction, _, args = line.strip().partition(" ")
-        instruction = instruction.upper()
-        if instruction == "FROM":
-            m = re.search(r"\bAS\s+(\S+)", args, re.I)
-            stages.append(Stage(m.group(1) if m else None))
-        elif stages:
-            stages[-1].instructions.append((instruction, args.strip()))
-    return stages
-
-
-def parse_env(args: str) -> dict[str, str]:
-    return dict(item.split("=", 1) for item in shlex.split(args))
+pytestmark = pytest.mark.integration
 
 
 class Replay:
@@ -152,45 +120,26 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     }
 
 
-def wait_http(url: str, timeout: float = 20) -> bytes:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                return bytes(resp.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def demo(image: dict[str, object]) -> Iterator[int]:
+@pytest.fixture
+def demo(
+    image: dict[str, object], exporter_process: Any
+) -> Callable[[], Awaitable[ExporterProcess]]:
     """The installed entrypoint in demo mode, as docker-compose.yml runs it."""
     venv = image["venv"]
     assert isinstance(venv, Path)
     entrypoint = image["entrypoint"]
     assert isinstance(entrypoint, list)
-    binary = venv / "bin" / entrypoint[0]
-    port = free_port()
     env = image["env"]
     assert isinstance(env, dict)
-    proc = subprocess.Popen(
-        [str(binary), "demo", "--listen-address", f"127.0.0.1:{port}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+    async def start() -> ExporterProcess:
+        process: ExporterProcess = exporter_process(
+            None, "demo", program=[str(venv / "bin" / entrypoint[0])], env=env
+        )
+        await process.wait_ready()
+        return process
+
+    return start
 
 
 def test_install_gives_the_entrypoint(image: dict[str, object]) -> None:
@@ -225,17 +174,19 @@ def test_default_command_reads_the_mounted_config(image: dict[str, object]) -> N
     assert "s3cr3t" not in res.stdout + res.stderr
 
 
-def test_demo_serves_healthz_and_metrics(image: dict[str, object], demo: int) -> None:
+async def test_demo_serves_healthz_and_metrics(
+    demo: Callable[[], Awaitable[ExporterProcess]],
+) -> None:
     """The installed `bitrix24-exporter demo` answers /healthz, and /metrics after its first
     poll cycle has the fake portal up."""
-    base = f"http://127.0.0.1:{demo}"
-    assert wait_http(f"{base}/healthz") == b"ok\n"
-    wait_http(f"{base}/readyz", timeout=30)
-    metrics = wait_http(f"{base}/metrics").decode()
-    assert re.search(r'^bitrix24_up\{portal="demo"\} 1(\.0)?$', metrics, re.M), metrics[:2000]
+    process = await demo()
+    assert (await process.get("/healthz")).text == "ok\n"
+    assert value(await process.metrics(), "bitrix24_up", portal="demo") == 1
 
 
-def test_healthcheck_command(image: dict[str, object], demo: int) -> None:
+async def test_healthcheck_command(
+    image: dict[str, object], demo: Callable[[], Awaitable[ExporterProcess]]
+) -> None:
     """The image's HEALTHCHECK command (Python, no curl) passes against the running
     exporter and fails against a port nobody listens on."""
     health = image["healthcheck"]
@@ -246,10 +197,10 @@ def test_healthcheck_command(image: dict[str, object], demo: int) -> None:
     command = [str(venv / "bin" / "python"), *health[1:]]
     env = dict(image["env"])  # type: ignore[call-overload]
     assert env["BITRIX24_EXPORTER_HEALTHCHECK_URL"] == "http://127.0.0.1:9877/healthz"
-    env["BITRIX24_EXPORTER_HEALTHCHECK_URL"] = f"http://127.0.0.1:{demo}/healthz"
-    wait_http(env["BITRIX24_EXPORTER_HEALTHCHECK_URL"])
-    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    process = await demo()
+    env["BITRIX24_EXPORTER_HEALTHCHECK_URL"] = f"{process.url}/healthz"
+    ok = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     env["BITRIX24_EXPORTER_HEALTHCHECK_URL"] = f"http://127.0.0.1:{free_port()}/healthz"
-    down = subprocess.run(command, env=env, capture_output=True, text=True, timeout=10)
+    down = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert down.returncode != 0

@@ -4,11 +4,9 @@ number of reading requests, never a secret on its output)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,16 +18,15 @@ from aiohttp import web
 
 from exporter import doctor
 from exporter.fakeportal import ROLES, FakePortal, FakeUser
-from tests.conftest import (
-    ROOT,
+from tests.support import (
     SECRET,
     config_of,
     find_leaks,
     free_port,
     make_portal,
     register_secret,
+    require_binary,
 )
-from tests.operator_kit_lib import require_binary
 
 Serve = Callable[[FakePortal], Awaitable[str]]
 
@@ -405,35 +402,28 @@ def test_suggested_interval_is_round_and_never_shorter() -> None:
 # ---- the command ----------------------------------------------------------------------------
 
 
-async def run_command(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "exporter",
-        "doctor",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+async def run_command(exporter_process: Any, *args: str) -> tuple[int, str, str]:
+    """`bitrix24-exporter doctor ARGS` through the fixture that feeds its output to the guard."""
+    process = exporter_process(None, "doctor", *args, listen=False)
+    code: int = await process.wait_exit()
+    return code, process.stdout(), process.stderr()
 
 
-async def test_the_command_exit_codes_and_json(served: Serve, tmp_path: Path) -> None:
+async def test_the_command_exit_codes_and_json(
+    served: Serve, tmp_path: Path, exporter_process: Any
+) -> None:
     """`bitrix24-exporter doctor`: exit 0 on a good portal, 1 when a check failed, 2 for a
     config error (each problem on stderr); `--output json` holds the same checks."""
     portal = make_portal(users=2)
     base = await served(portal)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config(base)))
-    code, out, err = await run_command("--config", str(path))
+    code, out, err = await run_command(exporter_process, "--config", str(path))
     assert (code, err) == (0, ""), out
     assert out.endswith("1 portal: 0 FAIL, 0 WARN: ready to run\n")
 
     portal.revoke_webhook(SECRET)
-    code, out, _ = await run_command("--config", str(path), "--output", "json")
+    code, out, _ = await run_command(exporter_process, "--config", str(path), "--output", "json")
     data = json.loads(out)
     assert code == data["exit_code"] == 1
     assert data["portals"][0]["checks"][1] == {
@@ -447,7 +437,7 @@ async def test_the_command_exit_codes_and_json(served: Serve, tmp_path: Path) ->
     assert SECRET not in out
 
     path.write_text(yaml.safe_dump({"poll_interval": "soon", "portals": []}))
-    code, out, err = await run_command("--config", str(path))
+    code, out, err = await run_command(exporter_process, "--config", str(path))
     assert code == 2
     assert out == ""
     assert f"{path}: poll_interval: must be a duration" in err

@@ -453,11 +453,21 @@ async def test_batch_halt_stops_after_first_error(client: TestClient[Any, Any]) 
 # ---- limits ---------------------------------------------------------------------------------
 
 
+class Clock:
+    """A clock for the fake portal that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_leaky_bucket_rejects_the_sixth_immediate_request(
     aiohttp_client: ClientFactory,
 ) -> None:
     """With burst 5 at 1/s, the sixth immediate request gets the exact 503 body."""
-    portal = make_portal(requests_per_second=1.0, burst=5)
+    portal = make_portal(requests_per_second=1.0, burst=5, clock=Clock())
     client = await aiohttp_client(portal.app)
     statuses = [(await call(client, HOOK + "profile"))[0] for _ in range(5)]
     assert statuses == [200] * 5
@@ -469,14 +479,18 @@ async def test_leaky_bucket_rejects_the_sixth_immediate_request(
 
 async def test_leaky_bucket_drains_and_batch_counts_once(aiohttp_client: ClientFactory) -> None:
     """The bucket drains at the configured rate, and a batch costs one request."""
-    portal = make_portal(requests_per_second=20.0, burst=2)
+    clock = Clock()
+    portal = make_portal(requests_per_second=20.0, burst=2, clock=clock)
     client = await aiohttp_client(portal.app)
     cmd = {f"c{i}": "profile" for i in range(10)}
     assert (await call(client, HOOK + "batch", json_body={"cmd": cmd}))[0] == 200
     assert (await call(client, HOOK + "profile"))[0] == 200
     assert (await call(client, HOOK + "profile"))[0] == 503
-    await asyncio.sleep(0.1)
+    clock.now += 0.049  # not quite one request's worth at 20/s
+    assert (await call(client, HOOK + "profile"))[0] == 503
+    clock.now += 0.002  # now a little over one
     assert (await call(client, HOOK + "profile"))[0] == 200
+    assert (await call(client, HOOK + "profile"))[0] == 503
 
 
 async def test_operating_budget(aiohttp_client: ClientFactory) -> None:
@@ -512,11 +526,16 @@ async def test_operating_budget(aiohttp_client: ClientFactory) -> None:
 
 async def test_operating_budget_expires(aiohttp_client: ClientFactory) -> None:
     """Buckets expire one window after their first call."""
-    portal = make_portal(operating_cost=10.0, operating_limit=5.0, operating_window=0.2)
+    clock = Clock()
+    portal = make_portal(
+        operating_cost=10.0, operating_limit=5.0, operating_window=0.2, clock=clock
+    )
     client = await aiohttp_client(portal.app)
     assert (await call(client, HOOK + "profile"))[0] == 200
     assert (await call(client, HOOK + "profile"))[0] == 429
-    await asyncio.sleep(0.25)
+    clock.now += 0.199
+    assert (await call(client, HOOK + "profile"))[0] == 429
+    clock.now += 0.002
     assert (await call(client, HOOK + "profile"))[0] == 200
 
 
@@ -537,6 +556,7 @@ async def test_fault_latency(portal: FakePortal, client: TestClient[Any, Any]) -
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert (await call(client, HOOK + "profile"))[0] == 200
+    # A lower bound: a loaded machine only makes the answer later, never earlier.
     assert loop.time() - started >= 0.2
 
 

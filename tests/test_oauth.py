@@ -150,6 +150,8 @@ async def test_first_token_comes_from_the_config_refresh_token(
     assert set(saved) == {"refresh_token", "access_token", "expires", "client_endpoint"}
     assert saved["refresh_token"] not in ("", first_refresh)
     assert saved["client_endpoint"] == f"{base}/rest/"
+    # Bracketed by the clock before and after the call (not a duration): the token's hour
+    # counts from when it was issued, less a few seconds of safety margin.
     assert before + 3590 <= saved["expires"] <= time.time() + 3600
     assert stat.S_IMODE(os.stat(state_file).st_mode) == 0o600
     assert os.listdir(state_file.parent) == ["acme.json"]  # no temporary file left behind

@@ -13,13 +13,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import promql_parser
 import pytest
@@ -29,22 +29,22 @@ from tests.operator_kit_lib import (
     ALERTMANAGER,
     ALERTS,
     DASHBOARD,
-    ROOT,
     RULES,
     SCHEMA_TOOLS,
     TARGET_LABELS,
     alert_rules,
     contract_metrics,
     dashboard_exprs,
-    free_port,
     iter_panels,
     load_dashboard,
+    parse_dockerfile,
+    parse_env,
     recording_rule_names,
-    require_binary,
     rule_exprs,
     selectors,
     strip_threshold,
 )
+from tests.support import ROOT, free_port, require_binary
 
 PROM = ROOT / "prometheus"
 # Values for the static check; any value works, they only have to make valid PromQL.
@@ -256,39 +256,47 @@ def test_dashboard_overlapping_kinds_are_never_summed() -> None:
                     assert 'group_id="' in matchers, (panel["title"], expr)
 
 
-def _typecheck(dashboards: dict[str, dict[str, Any]]) -> subprocess.CompletedProcess[str]:
+def _typecheck(
+    dashboards: dict[str, dict[str, Any]], workdir: Path
+) -> subprocess.CompletedProcess[str]:
     """Type-check dashboards (file stem -> JSON) against @grafana/schema's Dashboard type.
 
-    Each becomes `export const d: AsJson<Dashboard> = <json>;` in a temporary directory
-    inside tools/grafana-schema (so node_modules resolves), checked by `tsc` with strict on
-    and no output. AsJson (tools/grafana-schema/as-json.ts) lets enum-typed fields hold the
-    plain strings that JSON has.
+    Each becomes `export const d: AsJson<Dashboard> = <json>;` in `workdir/check`, next to a
+    link to tools/grafana-schema's node_modules and copies of its tsconfig.json and
+    as-json.ts, and is checked by `tsc` with strict on and no output; nothing is written
+    into the source tree. AsJson (tools/grafana-schema/as-json.ts) lets enum-typed fields
+    hold the plain strings that JSON has.
     """
     if not (SCHEMA_TOOLS / "node_modules" / "@grafana" / "schema").is_dir():
         pytest.fail("run: cd tools/grafana-schema && npm install --no-audit --no-fund")
     npx = require_binary("npx")
-    with tempfile.TemporaryDirectory(dir=SCHEMA_TOOLS, prefix="check-") as tmp:
-        files = []
-        for stem, dashboard in dashboards.items():
-            source = (
-                "import type { Dashboard } from '@grafana/schema';\n"
-                "import type { AsJson } from '../as-json';\n"
-                f"export const d: AsJson<Dashboard> = {json.dumps(dashboard, indent=2)};\n"
-            )
-            (Path(tmp) / f"{stem}.ts").write_text(source, encoding="utf-8")
-            files.append(f"{stem}.ts")
-        config = {"extends": "../tsconfig.json", "files": files}
-        (Path(tmp) / "tsconfig.json").write_text(json.dumps(config), encoding="utf-8")
-        return run(npx, "--no-install", "tsc", "-p", tmp, cwd=SCHEMA_TOOLS)
+    for name in ("tsconfig.json", "as-json.ts"):
+        shutil.copyfile(SCHEMA_TOOLS / name, workdir / name)
+    check = workdir / "check"
+    check.mkdir()
+    (check / "node_modules").symlink_to(SCHEMA_TOOLS / "node_modules", target_is_directory=True)
+    files = []
+    for stem, dashboard in dashboards.items():
+        source = (
+            "import type { Dashboard } from '@grafana/schema';\n"
+            "import type { AsJson } from '../as-json';\n"
+            f"export const d: AsJson<Dashboard> = {json.dumps(dashboard, indent=2)};\n"
+        )
+        (check / f"{stem}.ts").write_text(source, encoding="utf-8")
+        files.append(f"{stem}.ts")
+    config = {"extends": "../tsconfig.json", "files": files}
+    (check / "tsconfig.json").write_text(json.dumps(config), encoding="utf-8")
+    # Run from tools/grafana-schema so that npx finds its TypeScript.
+    return run(npx, "--no-install", "tsc", "-p", str(check), cwd=SCHEMA_TOOLS)
 
 
-def test_dashboard_matches_grafana_schema() -> None:
+def test_dashboard_matches_grafana_schema(tmp_path: Path) -> None:
     """The dashboard type-checks against Grafana's published Dashboard type."""
-    res = _typecheck({"bitrix24": load_dashboard()})
+    res = _typecheck({"bitrix24": load_dashboard()}, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_schema_check_catches_broken_dashboards() -> None:
+def test_schema_check_catches_broken_dashboards(tmp_path: Path) -> None:
     """Broken copies fail the same check: an unknown key, a wrong type, a bad enum value."""
     good = load_dashboard()
     unknown_key = copy.deepcopy(good)
@@ -297,7 +305,9 @@ def test_schema_check_catches_broken_dashboards() -> None:
     wrong_type["title"] = 123
     bad_enum = copy.deepcopy(good)
     bad_enum["panels"][1]["fieldConfig"]["defaults"]["thresholds"]["mode"] = "absolut"
-    res = _typecheck({"unknown_key": unknown_key, "wrong_type": wrong_type, "bad_enum": bad_enum})
+    res = _typecheck(
+        {"unknown_key": unknown_key, "wrong_type": wrong_type, "bad_enum": bad_enum}, tmp_path
+    )
     assert res.returncode != 0
     out = res.stdout
     assert re.search(r"unknown_key\.ts\(\d+,\d+\): error TS2353: .*'\"yy\"'", out), out
@@ -365,7 +375,7 @@ def alertmanager(tmp_path: Path) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a liveness bound: it is ready in about a second
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/-/ready", timeout=1):
@@ -424,7 +434,7 @@ def test_alertmanager_inhibitions(alertmanager: str) -> None:
         ("Bitrix24ExporterDown", ""): "active",
         ("Bitrix24TaskCommentsPilingUp", "eu"): "suppressed",
     }
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60  # a liveness bound: inhibitions apply within a second
     while True:
         with urllib.request.urlopen(f"{alertmanager}/api/v2/alerts", timeout=5) as resp:
             got = {
@@ -455,7 +465,15 @@ def test_dockerfile_essentials() -> None:
     assert "COPY --from=build /opt/venv /opt/venv" in text
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and not user[-1].startswith(("root", "0")), user
-    assert re.search(r"^HEALTHCHECK .*\n?.*healthz", text, re.M) or "/healthz" in text
+    # The runtime stage's HEALTHCHECK reads its URL from an ENV of that stage: /healthz.
+    runtime = parse_dockerfile(text)[-1]
+    health = [args for instruction, args in runtime.instructions if instruction == "HEALTHCHECK"]
+    assert len(health) == 1 and "BITRIX24_EXPORTER_HEALTHCHECK_URL" in health[0], health
+    env: dict[str, str] = {}
+    for instruction, args in runtime.instructions:
+        if instruction == "ENV":
+            env.update(parse_env(args))
+    assert urlsplit(env["BITRIX24_EXPORTER_HEALTHCHECK_URL"]).path == "/healthz"
     assert "curl" not in re.sub(r"#.*", "", text)
     assert re.search(r"^EXPOSE 9877$", text, re.M)
     assert '"/etc/bitrix24-exporter/config.yaml"' in text

@@ -15,7 +15,7 @@ from exporter.fetchstore import FetchStore
 from exporter.mapping import Sample
 from exporter.metrics import IM_UNREAD, TASKS
 from exporter.oncelog import OnceLog
-from tests.conftest import make_portal, portal_config, wait_for
+from tests.support import make_portal, portal_config, wait_for
 
 STALE_AFTER = 30.0
 

@@ -3,20 +3,14 @@ real exporter processes splitting one config between them."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
-import re
 import signal
-import socket
-import sys
-import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import aiohttp
 import pytest
 import yaml
 from hypothesis import given
@@ -26,8 +20,8 @@ from exporter import fakeportal
 from exporter.cli import load_shard_config, main
 from exporter.config import Config, parse_config
 from exporter.sharding import Shard, resolve_shard, select_portals, shard_of
+from tests.support import series, value
 
-ROOT = Path(__file__).resolve().parent.parent
 HOOK = "https://acme.bitrix24.com/rest/1/s3cr3t/"
 
 
@@ -287,117 +281,57 @@ def test_a_bad_shard_exits_2_with_one_line(
 
 # ----------------------------------------------------------------------------- end to end
 
-UP_RE = re.compile(r'^bitrix24_up\{portal="([^"]+)"\} ', re.MULTILINE)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def fake_portal_webhook() -> AsyncIterator[str]:
-    portal, path = fakeportal.demo_portal()
-    runner, base_url = await fakeportal.serve(portal)
-    try:
-        yield base_url + path
-    finally:
-        await runner.cleanup()
-
-
-def read_log(log: Path) -> str:
-    return log.read_text(errors="replace")
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession, url: str, proc: asyncio.subprocess.Process, log: Path
-) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.returncode is not None:
-            pytest.fail(f"exporter exited with {proc.returncode}:\n{read_log(log)}")
-        with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(url + "/readyz") as response:
-                if response.status == 200:
-                    return
-        await asyncio.sleep(0.1)
-    pytest.fail(f"{url} not ready after 30s:\n{read_log(log)}")
-
-
-async def wait_metrics(session: aiohttp.ClientSession, url: str, portals: int) -> str:
-    """/metrics once it shows `portals` portals: rendering trails /readyz by a moment."""
-    deadline = time.monotonic() + 10
-    while True:
-        async with session.get(url + "/metrics") as response:
-            body = await response.text()
-        if len(UP_RE.findall(body)) >= portals or time.monotonic() > deadline:
-            return body
-        await asyncio.sleep(0.1)
+def shards_of(text: str) -> list[str]:
+    """The portals a replica's /metrics has `bitrix24_up` for, sorted."""
+    return sorted(s.labels["portal"] for s in series(text, "bitrix24_up"))
 
 
 EXPECTED = [SHARD_0_OF_2, SHARD_1_OF_2]
 
 
-async def test_two_replicas_split_the_portals(tmp_path: Path) -> None:
+async def test_two_replicas_split_the_portals(
+    tmp_path: Path, served: Any, exporter_process: Any
+) -> None:
     """Two real processes, one config: each portal's bitrix24_up is on exactly one of them."""
-    async with fake_portal_webhook() as webhook:
-        config = write_config(tmp_path / "config.yaml", SIX, webhook)
-        procs: list[tuple[asyncio.subprocess.Process, str, Path]] = []
-        try:
-            for index in range(2):
-                port = free_port()
-                log = tmp_path / f"shard-{index}.log"
-                with log.open("wb") as stderr:
-                    proc = await asyncio.create_subprocess_exec(
-                        *(sys.executable, "-m", "exporter", "--config", str(config)),
-                        *("--listen-address", f"127.0.0.1:{port}"),
-                        *("--shard-index", str(index), "--shard-count", "2"),
-                        cwd=ROOT,
-                        stdout=asyncio.subprocess.DEVNULL,
-                        stderr=stderr,
-                    )
-                procs.append((proc, f"http://127.0.0.1:{port}", log))
-            bodies = []
-            async with aiohttp.ClientSession() as session:
-                for (proc, url, log), expected in zip(procs, EXPECTED, strict=True):
-                    await wait_ready(session, url, proc, log)
-                    bodies.append(await wait_metrics(session, url, len(expected)))
-        finally:
-            for proc, _, _ in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-            for proc, _, _ in procs:
-                try:
-                    await asyncio.wait_for(proc.wait(), 10)
-                except TimeoutError:
-                    proc.kill()
-                    await proc.wait()
-
-    assert [sorted(UP_RE.findall(body)) for body in bodies] == EXPECTED
-    for index, body in enumerate(bodies):
-        assert re.search(
-            rf'^bitrix24_exporter_shard\{{index="{index}",count="2"\}} 1(\.0)?$',
-            body,
-            re.MULTILINE,
-        ), body
-    assert all(proc.returncode == 0 for proc, _, _ in procs)
-
-
-async def test_once_polls_only_this_shard(tmp_path: Path) -> None:
-    """--once runs one cycle of this shard's portals and prints the shard gauge."""
-    async with fake_portal_webhook() as webhook:
-        config = write_config(tmp_path / "config.yaml", SIX, webhook)
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "exporter", "--config", str(config), "--once"),
-            *("--shard-index", "1", "--shard-count", "2"),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+    portal, path = fakeportal.demo_portal()
+    config = write_config(tmp_path / "config.yaml", SIX, await served(portal) + path)
+    replicas = [
+        exporter_process(
+            None, "--config", str(config), "--shard-index", str(index), "--shard-count", "2"
         )
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    body = out.decode()
-    assert sorted(UP_RE.findall(body)) == SHARD_1_OF_2
-    assert re.search(r'^bitrix24_exporter_shard\{index="1",count="2"\} 1', body, re.MULTILINE)
+        for index in range(2)
+    ]
+    bodies = []
+    for replica in replicas:
+        await replica.wait_ready()
+        bodies.append(await replica.metrics())
+    for replica in replicas:
+        replica.proc.send_signal(signal.SIGTERM)
+    assert [await replica.wait_exit() for replica in replicas] == [0, 0]
+    assert [shards_of(body) for body in bodies] == EXPECTED
+    for index, body in enumerate(bodies):
+        assert value(body, "bitrix24_exporter_shard", index=str(index), count="2") == 1
+
+
+async def test_once_polls_only_this_shard(
+    tmp_path: Path, served: Any, exporter_process: Any
+) -> None:
+    """--once runs one cycle of this shard's portals and prints the shard gauge."""
+    portal, path = fakeportal.demo_portal()
+    config = write_config(tmp_path / "config.yaml", SIX, await served(portal) + path)
+    once = exporter_process(
+        None,
+        "--config",
+        str(config),
+        "--once",
+        "--shard-index",
+        "1",
+        "--shard-count",
+        "2",
+        listen=False,
+    )
+    assert await once.wait_exit() == 0, once.stderr()
+    body = once.stdout()
+    assert shards_of(body) == SHARD_1_OF_2
+    assert value(body, "bitrix24_exporter_shard", index="1", count="2") == 1

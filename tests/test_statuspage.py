@@ -28,8 +28,7 @@ from exporter.statuspage import (
     PortalView,
     render_page,
 )
-from tests.conftest import config_of, register_secret
-from tests.operator_kit_lib import require_binary
+from tests.support import config_of, register_secret, require_binary
 
 NASTY = '<script>document.title="pwned"</script><b>Bold</b> & "Co"'
 

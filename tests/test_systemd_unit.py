@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from exporter.cli import EXIT_CONFIG
-from tests.conftest import ROOT
-from tests.operator_kit_lib import require_binary
+from tests.support import ROOT, require_binary
 
 UNIT = ROOT / "deploy" / "systemd" / "bitrix24-exporter.service"
 INSTALLED = "/opt/bitrix24-exporter/bin/bitrix24-exporter"

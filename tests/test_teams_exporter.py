@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import parse_config
 from exporter.fakeportal import FakePortal
-from tests.conftest import wait_for
+from tests.support import ExporterProcess, wait_for
 from tests.teams_company import (
     DEPARTMENTS,
     KEY,
@@ -140,13 +139,9 @@ async def test_tasks_users_by_department_watch_every_sub_department(
 # ---- privacy modes, with the exporter as a process ----------------------------------------
 
 
-async def read(url: str) -> tuple[str, str]:
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url + "/metrics") as response:
-            metrics = await response.text()
-        async with session.get(url + "/") as response:
-            landing = await response.text()
-    return metrics, landing
+async def read(process: ExporterProcess) -> tuple[str, str]:
+    """/metrics and / of an exporter process, both read through the leak guard."""
+    return await process.metrics(), (await process.get("/")).text
 
 
 async def run_until_departments(
@@ -160,7 +155,7 @@ async def run_until_departments(
         return portal.count("department.get") >= 3
 
     await wait_for(refreshed, timeout=20)
-    metrics, landing = await read(process.url)
+    metrics, landing = await read(process)
     assert "bitrix24_department_users{" in metrics
     return metrics, landing, process.stderr()
 

@@ -14,9 +14,7 @@ its name and, where the mode allows, its head.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -32,12 +30,11 @@ from tests.operator_kit_lib import (
     RULES,
     Expr,
     dashboard_exprs,
-    free_port,
     load_dashboard,
-    require_binary,
     rule_exprs,
     strip_threshold,
 )
+from tests.support import free_port, require_binary, start_process
 from tests.teams_company import KEY, company, hashed, raw_config
 
 pytestmark = pytest.mark.integration
@@ -127,14 +124,6 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait()
 
 
-def start(started: list[subprocess.Popen[bytes]], args: list[str], log: Path, **env: str) -> None:
-    """Start a server in the background, output to `log` (kept in tmp_path for failures)."""
-    with log.open("wb") as out:
-        started.append(
-            subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        )
-
-
 @pytest.fixture
 async def company_url() -> AsyncIterator[tuple[fakeportal.FakePortal, str]]:
     portal = company()
@@ -151,6 +140,7 @@ async def test_teams_row_rules_and_alert_in_each_privacy_mode(
     tmp_path: Path,
     company_url: tuple[fakeportal.FakePortal, str],
     processes: list[subprocess.Popen[bytes]],
+    exporter_process: Any,
 ) -> None:
     """Every new expression returns data from a real Prometheus in this mode, the rules are
     healthy, and raised overdue tasks raise the department alert with name and head."""
@@ -158,22 +148,7 @@ async def test_teams_row_rules_and_alert_in_each_privacy_mode(
     raw = raw_config(url, im={"chats": True})
     if MODES[mode]:
         raw["portals"][0]["privacy"] = MODES[mode]
-    (tmp_path / "exporter.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    exporter_port = free_port()
-    start(
-        processes,
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "--config",
-            str(tmp_path / "exporter.yaml"),
-            "--listen-address",
-            f"127.0.0.1:{exporter_port}",
-        ],
-        tmp_path / "exporter.log",
-        ACME_PSEUDONYM_KEY=KEY,
-    )
+    exporter_port = exporter_process(raw, env={"ACME_PSEUDONYM_KEY": KEY}).port
     alerts = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
     for group in alerts["groups"]:
         for rule in group["rules"]:
@@ -192,7 +167,7 @@ async def test_teams_row_rules_and_alert_in_each_privacy_mode(
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config), "utf-8")
     prometheus_port = free_port()
-    start(
+    start_process(
         processes,
         [
             require_binary("prometheus"),
