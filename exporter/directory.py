@@ -79,9 +79,14 @@ class UserDirectory:
         """The credential was refused: learn its user again once it works."""
         self.profile = None
 
-    def learn_caller(self, auth: WebhookAuth, result: object) -> Profile:
-        """The user behind an extra webhook, from its `profile` result; raises FetchError."""
-        profile = parse_profile(result)
+    def learn_caller(self, auth: WebhookAuth, answer: object) -> Profile | FetchError:
+        """The user behind an extra webhook from its `profile` answer, or why not."""
+        if isinstance(answer, FetchError):
+            return answer
+        try:
+            profile = parse_profile(answer)
+        except FetchError as failure:
+            return failure
         self.callers[auth] = profile
         if profile.name:
             self.names.setdefault(profile.user_id, profile.name)

@@ -26,12 +26,11 @@ from exporter.directory import UserDirectory
 from exporter.failures import Code, FetchError, PayloadError
 from exporter.fetchlog import FetchLog
 from exporter.fetchstore import FetchStore, Owner
-from exporter.lines import Series
 from exporter.oncelog import OnceLog
 from exporter.privacy import Privacy
 from exporter.snapshot import PortalSnapshot, copy_stats, health_of
 from exporter.sources import Planned, Planner, Source, sources_for
-from exporter.teams import TeamView, department_samples
+from exporter.teams import TeamView, with_departments
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +100,7 @@ class PortalPoller:
         # Everything that leaves the process (snapshots, log lines) passes the privacy mode.
         self.privacy = Privacy.of(portal)
         self.directory.who = self.privacy.who
-        tasks = portal.tasks
-        pairs = frozenset((str(g), r) for g in tasks.groups for r in tasks.roles)
-        self.team_view = TeamView(portal.name, pairs, self.privacy.min_team_size)
+        self.team_view = TeamView.of(portal, self.privacy.min_team_size)
         self.store = old.store if old and same_auth else FetchStore()
         self.cycles = old.cycles if old and same_auth else 0
         self.once = old.once if old else OnceLog(log)
@@ -157,17 +154,14 @@ class PortalPoller:
         now = self._clock()
         fresh = result.fresh or self.store.fail_all(now, self.config.stale_after)
         self.store.finish(fresh, now)
-        if result.failure is not None:
+        if (failure := result.failure) is not None:
             # Once per kind of failure: the method in the text changes from cycle to cycle.
-            error = str(result.failure)
-            self.once.say("portal", error, logging.ERROR, signature=result.failure.error)
+            self.once.say("portal", str(failure), logging.ERROR, signature=failure.error)
         else:
-            error = None
             self.once.resolve("portal", f"portal {self.portal.name}: poll succeeded again")
         self.cycles += 1
         await asyncio.sleep(0)  # a scrape may go between the mapping and the snapshot
-        code = None if result.failure is None else result.failure.error
-        return self._snapshot(result.up, error, fresh, time.monotonic() - started, behind, code)
+        return self._snapshot(result, fresh, time.monotonic() - started, behind)
 
     # -- one cycle --------------------------------------------------------------
 
@@ -253,19 +247,12 @@ class PortalPoller:
             commands.insert(0, Command("profile", "profile"))
         outcome = await client.batch(commands)
         if profile is None:
-            failure: FetchError | None = None
-            match outcome.get("profile"):
-                case FetchError() as failure:
-                    pass
-                case result:
-                    try:
-                        profile = self.directory.learn_caller(auth, result)
-                    except FetchError as exc:
-                        failure = exc
-            if profile is None:
-                key = f"caller-{auth.redacted}"
-                self.once.say(key, f"portal {self.portal.name}: im webhook: {failure}")
+            learned = self.directory.learn_caller(auth, outcome.get("profile"))
+            if isinstance(learned, FetchError):
+                text = f"portal {self.portal.name}: im webhook: {learned}"
+                self.once.say(f"caller-{auth.redacted}", text)
                 return []
+            profile = learned
         kept: list[str] = []
         for source in sources:
             for planned in source.plan([profile.user_id]):
@@ -277,24 +264,17 @@ class PortalPoller:
     # -- snapshot ---------------------------------------------------------------
 
     def _snapshot(
-        self,
-        up: bool,
-        error: str | None,
-        fresh: dict[Owner, bool],
-        duration: float,
-        behind: float,
-        code: str | None = None,
+        self, result: _CycleResult, fresh: dict[Owner, bool], duration: float, behind: float
     ) -> PortalSnapshot:
+        up, failure = result.up, result.failure
+        error, code = (None, None) if failure is None else (str(failure), failure.error)
         statuses = self.store.statuses(fresh, up, code)
         watched = {user_id for user_id, _ in fresh}  # not from `statuses`: made when first read
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
-        samples = self.store.samples()
-        chart = self.directory.chart
+        samples, chart = self.store.samples(), self.directory.chart
         if self.portal.teams.enabled and chart is not None:
-            memberships = self.directory.memberships
-            teams = department_samples(self.team_view, chart, memberships, watched, samples)
-            if teams:
-                samples = Series.of([*samples, *teams])
+            members = self.directory.memberships
+            samples = with_departments(self.team_view, chart, members, watched, samples)
         snapshot = PortalSnapshot(
             name=self.portal.name,
             up=up,

@@ -21,6 +21,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from exporter.config import Portal
+from exporter.lines import Series
 from exporter.mapping import DepartmentRecord, Sample
 from exporter.metrics import (
     DEPARTMENT_IM_UNREAD,
@@ -225,6 +227,28 @@ class TeamView:
     portal: str
     task_pairs: frozenset[tuple[str, str]]
     min_size: int = 1
+
+    @classmethod
+    def of(cls, portal: Portal, min_size: int) -> TeamView:
+        """The view of a portal's configured task groups and roles."""
+        tasks = portal.tasks
+        pairs = frozenset((str(g), r) for g in tasks.groups for r in tasks.roles)
+        return cls(portal.name, pairs, min_size)
+
+
+def with_departments(
+    view: TeamView,
+    chart: OrgChart,
+    memberships: Mapping[int, Sequence[int]],
+    watched: Iterable[int],
+    samples: Series,
+) -> Series:
+    """`samples` and the department families summed from them; the users' lines are kept
+    as they are (the department families are others)."""
+    extra = department_samples(view, chart, memberships, watched, samples)
+    if not extra:
+        return samples
+    return Series([*samples.blocks.values(), *Series.of(extra).blocks.values()])
 
 
 def department_samples(
