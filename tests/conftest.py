@@ -23,7 +23,6 @@ from exporter.fakeportal import FakePortal, serve
 from exporter.server import build_app
 from tests.support import LEAK_LOGGERS, ExporterProcess, LeakWatch, wait_for
 
-
 # Hypothesis fails an example that takes longer than 200 ms by default: a wall-clock bound
 # that a loaded machine breaks. Properties are about answers, not speed (bench/ measures that).
 settings.register_profile("no-deadline", deadline=None)
