@@ -198,6 +198,9 @@ class FakeSpec:
     other_client_total: float = 0.0  # ... until it has spent this much
     latency: float = 0.0
     seed: int = 0
+    # (user, role) task counter sets given new values per second; 0 leaves every value as it
+    # is, which a real portal of thousands of users never does.
+    drift: float = 0.0
 
 
 class FakeFleet:
@@ -391,6 +394,19 @@ def cpu_seconds(pid: int | str = "self") -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def thread_cpu_seconds(pid: int | str = "self") -> dict[str, float]:
+    """User plus system CPU time per thread: "main" (the event loop) and "others"."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    main = float(os.getpid()) if pid == "self" else float(pid)
+    found = {"main": 0.0, "others": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            found["main" if float(task.name) == main else "others"] += seconds
+    return found
 
 
 def count_series(text: str) -> int:

@@ -6,16 +6,19 @@ answers `GET /_bench/stats?since=N[&times=1]` with what it recorded from request
 request count, counts per HTTP status and per method, batch commands per inner method, the
 highest `operating` of `tasks.task.counters.get` and what another client spent, and
 with `times=1` the arrival time (the monotonic clock, shared by every process on Linux) and
-status of each request. `now` is the fake's clock when it answered.
+status of each request. `now` is the fake's clock when it answered. A spec's `drift` sets
+that many (user, role) task counter sets to new random values every second.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import web
@@ -25,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import SECRET, pin_from_env
 
-from exporter.fakeportal import FakePortal, FakeUser, serve
+from exporter.fakeportal import NEW_COUNTER_CODES, ROLES, FakePortal, FakeUser, serve
 
 TASKS_METHOD = "tasks.task.counters.get"
 
@@ -77,6 +80,27 @@ def build(spec: dict[str, object]) -> FakePortal:
         return web.json_response(body)
 
     portal.app.router.add_get("/_bench/stats", stats)
+    drift = float(spec.get("drift", 0.0))  # type: ignore[arg-type]
+    if drift > 0:
+
+        async def advance(app: web.Application) -> AsyncIterator[None]:
+            async def loop() -> None:
+                rnd = random.Random(int(spec["seed"]))  # type: ignore[call-overload]
+                users = int(spec["users"])  # type: ignore[call-overload]
+                owed = 0.0
+                while True:
+                    await asyncio.sleep(0.1)
+                    owed += drift / 10
+                    while owed >= 1:
+                        counters = {n: (rnd.randint(0, 9), c) for n, c in NEW_COUNTER_CODES.items()}
+                        portal.set_task_counters(rnd.randint(1, users), rnd.choice(ROLES), counters)
+                        owed -= 1
+
+            task = asyncio.create_task(loop())
+            yield
+            task.cancel()
+
+        portal.app.cleanup_ctx.append(advance)
     return portal
 
 

@@ -11,7 +11,9 @@ as separate Bitrix24 portals are; the fakes run in another process. Every portal
 Reports the time from start to /readyz 200 (every portal's first cycle done and rendered),
 the per-portal cycle duration and lateness (`bitrix24_poll_behind_seconds`) after
 `--rounds` more rounds, RSS before polling, steady (highest of samples every 0.5 s) and peak,
-CPU seconds per round, requests and 503s.
+CPU seconds per round (split into the event loop's thread and the worker threads that
+render), the bodies assembled and the publisher's coalescing windows per round, requests
+and 503s.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ async def main() -> None:
             ready = await exporter.wait_ready()
             after_first = await exporter.wait_cycles(1)
             cpu_start = cpu_seconds(exporter.pid)
+            threads_start = after_first["thread_cpu"]
             round_started = time.monotonic()
             samples: list[int] = []
             while True:
@@ -68,6 +71,11 @@ async def main() -> None:
                 await asyncio.sleep(0.5)
             rounds_seconds = time.monotonic() - round_started
             cpu_per_round = (cpu_seconds(exporter.pid) - cpu_start) / args.rounds
+            threads = {
+                k: (v - threads_start[k]) / args.rounds for k, v in state["thread_cpu"].items()
+            }
+            assemblies = (state["assemblies"] - after_first["assemblies"]) / args.rounds
+            windows = (state["windows"] - after_first["windows"]) / args.rounds
             series = count_series(await exporter.metrics_text())
             peak = proc_status(exporter.pid)["VmHWM"]
             baseline = exporter.baseline_rss_kib
@@ -97,7 +105,14 @@ async def main() -> None:
                 ],
                 ["poll_behind_seconds: max over portals", f"{max(behind):.3f} s"],
                 [f"{args.rounds} rounds took", f"{rounds_seconds:.1f} s"],
-                ["CPU per round (all portals)", f"{cpu_per_round:.2f} s"],
+                [
+                    "CPU per round (all portals): event loop / worker threads",
+                    f"{cpu_per_round:.2f} s: {threads['main']:.2f} / {threads['others']:.2f}",
+                ],
+                [
+                    "bodies assembled / coalescing windows per round",
+                    f"{assemblies:.1f} / {windows:.1f}",
+                ],
                 [
                     "RSS before polling / steady / peak",
                     f"{baseline / mib:.1f} / {max(samples) / mib:.1f} / {peak / mib:.1f} MiB",

@@ -13,6 +13,9 @@ sample as the steady-state RSS; the peak (VmHWM) includes the first cycle.
 Two numbers per series, both reported: all told (steady RSS / series) and marginal
 ((steady RSS - baseline) / series). Goal: under 1 KiB per exported series all told.
 
+`--drift N` has the fake portal give N (user, role) counter sets new values every second
+(by default no value changes between cycles).
+
 Each size runs twice: with glibc malloc as it comes and with MALLOC_ARENA_MAX=2
 MALLOC_MMAP_THRESHOLD_=131072 in the exporter's environment (see MALLOC below), to show how
 much of the RSS is the allocator holding on to freed memory rather than live data.
@@ -50,8 +53,8 @@ MALLOC = {
 }
 
 
-async def measure(users: int, cycles: int, malloc: str) -> dict[str, Any]:
-    async with FakeFleet([FakeSpec(users)]) as fleet:
+async def measure(users: int, cycles: int, malloc: str, drift: float) -> dict[str, Any]:
+    async with FakeFleet([FakeSpec(users, drift=drift)]) as fleet:
         entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
         raw = config_of([entry], poll_interval="5s")
         async with ExporterChild(raw, env=MALLOC[malloc]) as exporter:
@@ -92,11 +95,21 @@ async def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,000 users only")
     parser.add_argument("--sizes", help="comma-separated user counts (default 1000,10000)")
     parser.add_argument("--cycles", type=int, default=3, help="cycles sampled (default 3)")
+    parser.add_argument(
+        "--drift", type=float, default=0.0, help="(user, role) counter sets changed per second"
+    )
+    parser.add_argument(
+        "--malloc", choices=[*MALLOC, "both"], default="both", help="glibc malloc runs (both)"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("1000" if args.quick else "1000,10000")).split(",")]
     print_machine()
-    print("users x 5 roles, poll_interval 5s, fake portal without a limit in another process\n")
-    results = [await measure(u, args.cycles, m) for u in sizes for m in MALLOC]
+    print(
+        "users x 5 roles, poll_interval 5s, fake portal without a limit in another process;"
+        f" {args.drift:g} counter sets changed per second\n"
+    )
+    runs = list(MALLOC) if args.malloc == "both" else [args.malloc]
+    results = [await measure(u, args.cycles, m, args.drift) for u in sizes for m in runs]
     mib = 1024 * 1024
     rows = []
     for r in results:

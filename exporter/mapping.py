@@ -182,14 +182,8 @@ def parse_profile(result: object) -> Profile:
 
 def parse_users(result: object) -> list[UserRecord]:
     """Users of one `user.get` page; records without a usable ID are skipped."""
-    if isinstance(result, dict) and not result:
-        return []
-    if not isinstance(result, list):
-        raise PayloadError(f"user.get result must be a list, got {type(result).__name__}")
     users: list[UserRecord] = []
-    for record in result:
-        if not isinstance(record, dict):
-            continue
+    for record in _page_rows("user.get", result):
         user_id = to_user_id(record.get("ID"))
         if user_id is not None:
             departments = parse_user_departments(record.get("UF_DEPARTMENT"))
@@ -227,14 +221,8 @@ def parse_departments(result: object) -> list[DepartmentRecord]:
     [DepartmentRecord(department_id=1, name='Acme', parent=None, head=None),
      DepartmentRecord(department_id=15, name='R&D', parent=1, head=7)]
     """
-    if isinstance(result, dict) and not result:
-        return []  # PHP's empty array, on a portal without departments
-    if not isinstance(result, list):
-        raise PayloadError(f"department.get result must be a list, got {type(result).__name__}")
     departments: list[DepartmentRecord] = []
-    for row in result:
-        if not isinstance(row, dict):
-            continue
+    for row in _page_rows("department.get", result):
         department_id = to_user_id(row.get("ID"))
         if department_id is None:
             continue
@@ -249,6 +237,16 @@ def parse_departments(result: object) -> list[DepartmentRecord]:
             )
         )
     return departments
+
+
+def _page_rows(method: str, result: object) -> list[dict[str, object]]:
+    """The object rows of one list page; PHP's empty array (`{}`, e.g. a portal without
+    departments) is an empty page, and rows that are not objects are skipped."""
+    if isinstance(result, dict) and not result:
+        return []
+    if not isinstance(result, list):
+        raise PayloadError(f"{method} result must be a list, got {type(result).__name__}")
+    return [row for row in result if isinstance(row, dict)]
 
 
 def _full_name(record: dict[str, object]) -> str:

@@ -26,6 +26,7 @@ from exporter.directory import UserDirectory
 from exporter.failures import Code, FetchError, PayloadError
 from exporter.fetchlog import FetchLog
 from exporter.fetchstore import FetchStore, Owner
+from exporter.lines import Series
 from exporter.oncelog import OnceLog
 from exporter.privacy import Privacy
 from exporter.snapshot import PortalSnapshot, copy_stats, health_of
@@ -285,14 +286,15 @@ class PortalPoller:
         code: str | None = None,
     ) -> PortalSnapshot:
         statuses = self.store.statuses(fresh, up, code)
-        watched = {user_id for user_id, _ in fresh}
+        watched = {user_id for user_id, _ in fresh}  # not from `statuses`: made when first read
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
         samples = self.store.samples()
         chart = self.directory.chart
         if self.portal.teams.enabled and chart is not None:
             memberships = self.directory.memberships
             teams = department_samples(self.team_view, chart, memberships, watched, samples)
-            samples += tuple(teams)
+            if teams:
+                samples = Series.of([*samples, *teams])
         snapshot = PortalSnapshot(
             name=self.portal.name,
             up=up,

@@ -27,6 +27,7 @@ import hmac
 from collections.abc import Iterable
 
 from exporter.config import Portal, PrivacyMode
+from exporter.lines import Series
 from exporter.mapping import Sample
 from exporter.metrics import IM_CHAT_UNREAD, Family
 from exporter.snapshot import PortalSnapshot
@@ -89,7 +90,7 @@ class Privacy:
         if self.mode == "pseudonymous":
             return dataclasses.replace(
                 snapshot,
-                samples=self._rewrite(snapshot.samples),
+                samples=Series.of(self._rewrite(snapshot.samples)),
                 statuses=tuple(
                     dataclasses.replace(s, user_id=self._user(str(s.user_id)))
                     for s in snapshot.statuses
@@ -97,7 +98,7 @@ class Privacy:
                 user_names=(),
             )
         return dataclasses.replace(
-            snapshot, samples=self._rewrite(snapshot.samples), statuses=(), user_names=()
+            snapshot, samples=Series.of(self._rewrite(snapshot.samples)), statuses=(), user_names=()
         )
 
     # -- labels -----------------------------------------------------------------------

@@ -1,28 +1,39 @@
 """Snapshots to exposition bytes, once per poll cycle rather than once per scrape.
 
-A portal's snapshot is rendered into per-family blocks of sample lines when its cycle
-ends; the full body is the families' headers with every portal's block joined under them,
-in both the Prometheus text format 0.0.4 and OpenMetrics 1.0.0, plus a gzip copy of each.
-Sample lines are the same in both formats; only the headers (and the trailing `# EOF`)
-differ. Scrapes then only pick one of four prepared byte strings.
+A portal's snapshot becomes per-family blocks of sample lines when its cycle ends: the
+sources' series arrive already written (`exporter.lines`), the health and client series
+are written here. The body is the families' headers with every portal's block under them,
+in the Prometheus text format 0.0.4 and in OpenMetrics 1.0.0. Sample lines are the same in
+both formats (only the headers and the trailing `# EOF` differ), so the two bodies are
+lists of parts that share every block of sample lines; a scrape sends the parts one after
+the other, or one of the two prepared gzip bodies.
+
+Each gzip body is spliced from raw deflate segments, one per part, each compressed on its
+own and ended on a byte boundary (a sync flush), under one gzip header and trailer: a
+block of lines is compressed once for both formats, and not again while it is unchanged.
+Blocks smaller than `PART_SIZE` are joined with their neighbours into one part (many
+portals give many small blocks); a part is reused, joined and compressed, as long as its
+blocks are the same objects.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
 import platform
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import cast
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import generate_latest as text_generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as _untyped_om_generate
-from prometheus_client.utils import floatToGoString as _untyped_float_to_go_string
 
-from exporter import __version__, metrics
+from exporter import __version__, heap, metrics
+from exporter.lines import encode, format_value, sample_line
 from exporter.metrics import (
     DURATION_BUCKETS,
     PORTAL_HEAD_FAMILIES,
@@ -34,21 +45,31 @@ from exporter.sources import source_families
 
 log = logging.getLogger(__name__)
 
-# prometheus_client leaves these two untyped; their behaviour is plain.
-floatToGoString = cast(Callable[[float], str], _untyped_float_to_go_string)
+# prometheus_client leaves it untyped; its behaviour is plain.
 om_generate_latest = cast(Callable[[CollectorRegistry], bytes], _untyped_om_generate)
 
 GZIP_LEVEL = 1  # level 1 is ~10x faster than 9 and only ~15 % larger on exposition text
+# Smaller blocks are joined with their neighbours into one part of the body: fewer parts
+# to send, and deflate segments long enough to compress well.
+PART_SIZE = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Exposition:
-    """One rendered body in both formats, plain and gzipped."""
+    """One rendered body in both formats: parts to send in order, and gzipped."""
 
-    text: bytes
+    text_parts: tuple[bytes, ...]
+    openmetrics_parts: tuple[bytes, ...]
     text_gzip: bytes
-    openmetrics: bytes
     openmetrics_gzip: bytes
+
+    @property
+    def text(self) -> bytes:
+        return b"".join(self.text_parts)
+
+    @property
+    def openmetrics(self) -> bytes:
+        return b"".join(self.openmetrics_parts)
 
 
 @dataclass
@@ -76,19 +97,8 @@ GLOBAL_FAMILIES = (
 )
 
 
-def escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def _line(name: str, family: Family, values: Iterable[str], value: float) -> str:
-    labels = ",".join(
-        f'{key}="{escape_label(val)}"' for key, val in zip(family.labels, values, strict=True)
-    )
-    return (
-        f"{name}{{{labels}}} {floatToGoString(value)}\n"
-        if labels
-        else f"{name} {floatToGoString(value)}\n"
-    )
+    return sample_line(name, family.labels, values, value)
 
 
 def _header(family: Family, *, openmetrics: bool) -> str:
@@ -101,7 +111,15 @@ def _header(family: Family, *, openmetrics: bool) -> str:
     return f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n"
 
 
-def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
+# The same header objects every time, so that their compressed segments are reused.
+_HEADERS = {
+    (family, openmetrics): encode(_header(family, openmetrics=openmetrics))
+    for family in (*GLOBAL_FAMILIES, *PORTAL_FAMILIES)
+    for openmetrics in (False, True)
+}
+
+
+def portal_blocks(snap: PortalSnapshot) -> dict[Family, bytes]:
     """Sample lines of one portal, per family."""
     lines: dict[Family, list[str]] = {f: [] for f in PORTAL_FAMILIES}
     p = snap.name
@@ -132,10 +150,6 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
         lines[metrics.USER_INFO].append(
             _line(metrics.USER_INFO.name, metrics.USER_INFO, (p, str(user_id), name), 1.0)
         )
-    for sample in snap.samples:
-        lines[sample.family].append(
-            _line(sample.family.name, sample.family, sample.labels, sample.value)
-        )
     stats = snap.stats
     requests = metrics.API_REQUESTS
     for (method, code), count in sorted(stats.requests.items()):
@@ -149,7 +163,7 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
     for bound, count in zip(DURATION_BUCKETS, stats.duration_buckets, strict=True):
         cumulative += count
         lines[hist].append(
-            _line(hist.name + "_bucket", bucket_family, (p, floatToGoString(bound)), cumulative)
+            _line(hist.name + "_bucket", bucket_family, (p, format_value(bound)), cumulative)
         )
     lines[hist].append(
         _line(hist.name + "_bucket", bucket_family, (p, "+Inf"), stats.duration_count)
@@ -170,7 +184,11 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, str]:
             snap.operating_limit,
         )
     )
-    return {family: "".join(block) for family, block in lines.items() if block}
+    blocks = {family: encode("".join(block)) for family, block in lines.items() if block}
+    for family, block in snap.samples.blocks.items():
+        if block.data:
+            blocks[family] = block.data
+    return blocks
 
 
 def global_blocks(info: ExporterInfo) -> dict[Family, str]:
@@ -217,8 +235,93 @@ def _process_registry() -> CollectorRegistry:
 _PROCESS = _process_registry()
 
 
-def assemble(portals: Iterable[dict[Family, str]], info: ExporterInfo) -> Exposition:
+class Segments:
+    """Parts of earlier bodies, joined and deflated, for reuse while their blocks stay the same.
+
+    Only the render thread (or `render_now`'s caller) uses it, one assembly at a time. What an
+    assembly did not use is dropped after it.
+    """
+
+    def __init__(self) -> None:
+        self._joined: dict[tuple[int, ...], tuple[tuple[bytes, ...], bytes]] = {}
+        self._deflated: dict[int, tuple[bytes, bytes]] = {}
+        self._used_joined: dict[tuple[int, ...], tuple[tuple[bytes, ...], bytes]] = {}
+        self._used_deflated: dict[int, tuple[bytes, bytes]] = {}
+
+    def join(self, blocks: list[bytes]) -> bytes:
+        """Blocks as one part: the same object as last time when the blocks are the same."""
+        if len(blocks) == 1:
+            return blocks[0]
+        key = tuple(map(id, blocks))
+        entry = self._used_joined.get(key) or self._joined.get(key)
+        if entry is None:
+            entry = (tuple(blocks), b"".join(blocks))
+        self._used_joined[key] = entry
+        return entry[1]
+
+    def deflate(self, part: bytes) -> bytes:
+        """A raw deflate segment of `part`, ended on a byte boundary, never final."""
+        key = id(part)
+        entry = self._used_deflated.get(key) or self._deflated.get(key)
+        if entry is None:
+            compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS)
+            entry = (part, compressor.compress(part) + compressor.flush(zlib.Z_SYNC_FLUSH))
+        self._used_deflated[key] = entry
+        return entry[1]
+
+    def done(self) -> None:
+        """Forget what the last assembly did not use."""
+        self._joined, self._used_joined = self._used_joined, {}
+        self._deflated, self._used_deflated = self._used_deflated, {}
+
+
+# gzip (RFC 1952): magic, deflate, no flags, no mtime, "fastest" (level 1), unknown OS.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x04\xff"
+# The last deflate block: final, empty.
+_DEFLATE_END = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, -zlib.MAX_WBITS).flush()
+
+
+def _gzip(parts: Iterable[bytes], segments: Segments) -> bytes:
+    crc = size = 0
+    deflated = [_GZIP_HEADER]
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        size += len(part)
+        deflated.append(segments.deflate(part))
+    deflated += (_DEFLATE_END, struct.pack("<II", crc, size & 0xFFFFFFFF))
+    return b"".join(deflated)
+
+
+def _parts(blocks: Iterable[bytes], segments: Segments) -> list[bytes]:
+    """A family's blocks (one per portal) as parts: small neighbours joined, big ones alone."""
+    parts: list[bytes] = []
+    pending: list[bytes] = []
+    size = 0
+    for block in blocks:
+        if len(block) >= PART_SIZE:
+            if pending:
+                parts.append(segments.join(pending))
+                pending, size = [], 0
+            parts.append(block)
+            continue
+        pending.append(block)
+        size += len(block)
+        if size >= PART_SIZE:
+            parts.append(segments.join(pending))
+            pending, size = [], 0
+    if pending:
+        parts.append(segments.join(pending))
+    return parts
+
+
+def assemble(
+    portals: Iterable[Mapping[Family, bytes]],
+    info: ExporterInfo,
+    *,
+    segments: Segments | None = None,
+) -> Exposition:
     """The full body: global families, then every portal family, then process metrics."""
+    segments = segments or Segments()
     portal_list = list(portals)
     blocks = global_blocks(info)
     text: list[str] = []
@@ -227,22 +330,27 @@ def assemble(portals: Iterable[dict[Family, str]], info: ExporterInfo) -> Exposi
         if family in blocks:
             text += (_header(family, openmetrics=False), blocks[family])
             om += (_header(family, openmetrics=True), blocks[family])
+    text_parts = [encode("".join(text))]
+    om_parts = [encode("".join(om))]
     for family in PORTAL_FAMILIES:
-        body = "".join(p[family] for p in portal_list if family in p)
-        if body:
-            text += (_header(family, openmetrics=False), body)
-            om += (_header(family, openmetrics=True), body)
-    # "replace": a lone surrogate (a "\ud800" escape is valid JSON) in a name or counter from
-    # the portal becomes "?" instead of failing the render, and with it every later one.
-    text_bytes = "".join(text).encode("utf-8", "replace") + text_generate_latest(_PROCESS)
-    om_process = om_generate_latest(_PROCESS)
-    om_bytes = "".join(om).encode("utf-8", "replace") + om_process  # ends with "# EOF\n"
-    return Exposition(
-        text=text_bytes,
-        text_gzip=gzip.compress(text_bytes, GZIP_LEVEL),
-        openmetrics=om_bytes,
-        openmetrics_gzip=gzip.compress(om_bytes, GZIP_LEVEL),
+        found = [p[family] for p in portal_list if family in p]
+        if not found:
+            continue
+        text_parts.append(_HEADERS[family, False])
+        om_parts.append(_HEADERS[family, True])
+        shared = _parts(found, segments)
+        text_parts += shared
+        om_parts += shared
+    text_parts.append(text_generate_latest(_PROCESS))
+    om_parts.append(om_generate_latest(_PROCESS))  # ends with "# EOF\n"
+    exposition = Exposition(
+        text_parts=tuple(text_parts),
+        openmetrics_parts=tuple(om_parts),
+        text_gzip=_gzip(text_parts, segments),
+        openmetrics_gzip=_gzip(om_parts, segments),
     )
+    segments.done()
+    return exposition
 
 
 @dataclass
@@ -254,9 +362,13 @@ class Publisher:
     current: Exposition | None = None
     # Portals whose snapshot is in `current` (readiness means "on /metrics", not "polled").
     rendered: frozenset[str] = frozenset()
+    # Bodies assembled, and coalescing windows that rendered (the benchmarks report both).
+    assemblies: int = 0
+    windows: int = 0
     # Called with every published snapshot, on the event loop (the status page's history).
     listeners: list[Callable[[PortalSnapshot], None]] = field(default_factory=list)
-    _blocks: dict[str, dict[Family, str]] = field(default_factory=dict)
+    _blocks: dict[str, dict[Family, bytes]] = field(default_factory=dict)
+    _segments: Segments = field(default_factory=Segments)
     _dirty: set[str] = field(default_factory=set)
     _stale: bool = False
 
@@ -287,7 +399,8 @@ class Publisher:
     def render_now(self) -> Exposition:
         """Render pending snapshots in the calling thread (for --once)."""
         self._blocks.update(_render_blocks(self._take_dirty()))
-        self.current = assemble(self._ordered_blocks(), self.info)
+        self.current = assemble(self._ordered_blocks(), self.info, segments=self._segments)
+        self.assemblies += 1
         self.rendered = frozenset(self._blocks)
         return self.current
 
@@ -304,7 +417,7 @@ class Publisher:
         }
         return replace(self.info, counters=counters)
 
-    def _ordered_blocks(self) -> list[dict[Family, str]]:
+    def _ordered_blocks(self) -> list[dict[Family, bytes]]:
         return [self._blocks[name] for name in sorted(self._blocks)]
 
     async def flush(self) -> None:
@@ -322,23 +435,40 @@ class Publisher:
             self._blocks.update(fresh)
             names = frozenset(self._blocks)
             self.current = await loop.run_in_executor(
-                None, assemble, self._ordered_blocks(), self._info_now()
+                None,
+                partial(assemble, segments=self._segments),
+                self._ordered_blocks(),
+                self._info_now(),
             )
+            self.assemblies += 1
             self.rendered = names
 
     async def run(self, *, min_gap: float = 0.2) -> None:
-        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once)."""
-        while True:
-            await self._changed.wait()
-            self._changed.clear()
-            try:
-                await self.flush()
-            except Exception:
-                # A render bug must not freeze /metrics for good: keep serving the last
-                # body, say so, and render again with the next snapshot.
-                log.exception("rendering the exposition failed; serving the previous one")
-            await asyncio.sleep(min_gap)
+        """Re-render whenever snapshots arrive, coalescing bursts (many portals at once).
+
+        What a render leaves alive (snapshots, plans, fetch stores) is frozen out of later
+        garbage collections, as is what the process built at start, and the free heap
+        pages go back to the system (`exporter.heap`).
+        """
+        loop = asyncio.get_running_loop()
+        heap.take_over()
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed.clear()
+                self.windows += 1
+                try:
+                    await self.flush()
+                except Exception:
+                    # A render bug must not freeze /metrics for good: keep serving the last
+                    # body, say so, and render again with the next snapshot.
+                    log.exception("rendering the exposition failed; serving the previous one")
+                heap.settle()
+                await loop.run_in_executor(None, heap.trim)
+                await asyncio.sleep(min_gap)
+        finally:
+            heap.hand_back()
 
 
-def _render_blocks(snapshots: dict[str, PortalSnapshot]) -> dict[str, dict[Family, str]]:
+def _render_blocks(snapshots: dict[str, PortalSnapshot]) -> dict[str, dict[Family, bytes]]:
     return {name: portal_blocks(snap) for name, snap in snapshots.items()}

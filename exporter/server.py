@@ -15,10 +15,11 @@ import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import payload, web
+from aiohttp.abc import AbstractStreamWriter
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
-from exporter import __version__
+from exporter import __version__, heap
 from exporter.alerts.wiring import ALERT_ROUTES, add_alert_routes
 from exporter.bitrix import new_session
 from exporter.config import Config, ConfigError
@@ -59,17 +60,35 @@ async def metrics_handler(request: web.Request) -> web.Response:
     openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
     gzipped = accepts_gzip(request.headers.get("Accept-Encoding", ""))
     if openmetrics:
-        body = exposition.openmetrics_gzip if gzipped else exposition.openmetrics
+        parts = (exposition.openmetrics_gzip,) if gzipped else exposition.openmetrics_parts
         content_type = OM_CONTENT_TYPE
     else:
-        body = exposition.text_gzip if gzipped else exposition.text
+        parts = (exposition.text_gzip,) if gzipped else exposition.text_parts
         content_type = TEXT_CONTENT_TYPE
     response = web.Response(
-        body=body, headers={"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        body=Parts(parts, content_type=content_type), headers={"Vary": "Accept, Accept-Encoding"}
     )
     if gzipped:
         response.headers["Content-Encoding"] = "gzip"
     return response
+
+
+class Parts(payload.Payload):
+    """A body sent as its parts one after the other (the plain bodies share sample lines)."""
+
+    def __init__(self, parts: tuple[bytes, ...], *, content_type: str) -> None:
+        super().__init__(parts, content_type=content_type)
+        self._parts = parts
+        self._size = sum(len(part) for part in parts)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        for part in self._parts:
+            # A memoryview: the transport keeps what the socket did not take without
+            # copying the rest of a multi-MB part first.
+            await writer.write(memoryview(part))
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._parts).decode(encoding, errors)
 
 
 async def healthz_handler(request: web.Request) -> web.Response:
@@ -149,6 +168,7 @@ def build_app(
 
     `basic_auth` tells whether the web config's basic auth protects every request now.
     """
+    heap.tune_malloc()  # before the render thread exists
     app = web.Application(middlewares=list(middlewares))
     app[PUBLISHER] = Publisher(info or ExporterInfo(poll_interval=config.poll_interval))
     app[STATUS_BOOK] = StatusBook()

@@ -6,9 +6,12 @@ published: the renderer and the status page read it while the next cycle runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from exporter.bitrix import ClientStats
+from exporter.lines import Series
 from exporter.mapping import Sample
 
 
@@ -32,7 +35,7 @@ class SourceHealth:
     succeeded: int
 
 
-def health_of(statuses: tuple[Status, ...]) -> tuple[SourceHealth, ...]:
+def health_of(statuses: Iterable[Status]) -> tuple[SourceHealth, ...]:
     """The per-source counts of `statuses`, which outlive the privacy mode ``aggregate``."""
     users: dict[str, int] = {}
     succeeded: dict[str, int] = {}
@@ -42,14 +45,86 @@ def health_of(statuses: tuple[Status, ...]) -> tuple[SourceHealth, ...]:
     return tuple(SourceHealth(s, users[s], succeeded[s]) for s in sorted(users))
 
 
+Owner = tuple[int, str]  # (user_id, source name)
+
+
+class Statuses(Sequence[Status]):
+    """One status per (user, source) of a cycle, in order, made when first read.
+
+    A big portal has thousands; making them when the cycle ends held up the event loop
+    (and every scrape) for ~10 ms, so they are made by whoever reads them first, usually
+    the render thread. What they are made from is copied, so later cycles do not change it.
+    """
+
+    def __init__(
+        self,
+        fresh: Mapping[Owner, bool],
+        last: Mapping[Owner, float],
+        up: bool,
+        reasons: Mapping[Owner, str] | None = None,
+        cycle_error: str | None = None,
+    ) -> None:
+        self._fresh: dict[Owner, bool] | None = dict(fresh)
+        self._last = dict(last)
+        self._up = up
+        self._reasons = dict(reasons or {})
+        self._cycle_error = cycle_error
+        self._made: tuple[Status, ...] = ()
+
+    @property
+    def _statuses(self) -> tuple[Status, ...]:
+        fresh = self._fresh
+        if fresh is not None:
+            last, up, reasons, error = self._last, self._up, self._reasons, self._cycle_error
+            self._made = tuple(
+                Status(
+                    user_id,
+                    source,
+                    ok and up,
+                    last.get((user_id, source)),
+                    None if ok and up else reasons.get((user_id, source)) or error,
+                )
+                for (user_id, source), ok in sorted(fresh.items())
+            )
+            self._fresh = None
+            self._last = {}
+            self._reasons = {}
+        return self._made
+
+    @overload
+    def __getitem__(self, index: int) -> Status: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Status]: ...
+    def __getitem__(self, index: int | slice) -> Status | Sequence[Status]:
+        return self._statuses[index]
+
+    def __len__(self) -> int:
+        return len(self._fresh) if self._fresh is not None else len(self._made)
+
+    def __iter__(self) -> Iterator[Status]:
+        return iter(self._statuses)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Statuses({list(self)!r})"
+
+
 @dataclass(frozen=True)
 class PortalSnapshot:
     """What one portal's last cycle produced; never changed after it is published."""
 
     name: str
     up: bool
-    samples: tuple[Sample, ...]
-    statuses: tuple[Status, ...]
+    # The sources' series as exposition lines; iterating it gives `Sample`s. Any iterable
+    # of samples given here is encoded into one.
+    samples: Series
+    statuses: Sequence[Status]
     user_names: tuple[tuple[int, str], ...]
     stats: ClientStats
     operating_limit: float
@@ -58,6 +133,11 @@ class PortalSnapshot:
     cycles: int
     error: str | None = None
     health: tuple[SourceHealth, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.samples, Series):
+            given: Iterable[Sample] = self.samples
+            object.__setattr__(self, "samples", Series.of(given))
 
 
 def copy_stats(stats: ClientStats) -> ClientStats:

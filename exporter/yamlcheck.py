@@ -48,6 +48,8 @@ import yaml
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, ScalarNode
 
+from exporter.typenames import TypeWords, type_word
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -148,21 +150,22 @@ def show(value: object) -> str:
     return repr(str(value))
 
 
+_YAML_WORDS: Final[TypeWords] = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "a mapping"),
+    (type(None), "null"),
+)
+
+
 def kind(value: object) -> str:
     """What sort of value `value` is, for secrets whose content must not be echoed."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "an empty string" if not value.strip() else "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return "null" if value is None else type(value).__name__
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
+    return type_word(value, _YAML_WORDS)
 
 
 # --------------------------------------------------------------------------- problems

@@ -251,12 +251,9 @@ async def test_overdue_tasks_reach_the_chat_and_the_user(
             return await received("firing") > first_seen
 
         await wait_until(repeated, "Alertmanager's repeat of the notification", 60)
-        repeat_messages = len(fake.messages) - messages_before
-        assert repeat_messages == 0
-        assert len(chat("FIRING")) == 1 and len(told("FIRING")) == 1
 
-        async def duplicate_counted() -> bool:
-            # Counted once the repeat is handled, which may be after it was received.
+        # The repeat is counted as received before its outcome is decided: wait for that.
+        async def counted_as_duplicate() -> bool:
             _, text = await get(exporter + "/metrics")
             duplicates = series(
                 text,
@@ -267,7 +264,10 @@ async def test_overdue_tasks_reach_the_chat_and_the_user(
             )
             return sum(s.value for s in duplicates) >= 1
 
-        await wait_until(duplicate_counted, "the repeat counted as a duplicate delivery")
+        await wait_until(counted_as_duplicate, "the repeat counted as a duplicate", 30)
+        repeat_messages = len(fake.messages) - messages_before
+        assert repeat_messages == 0
+        assert len(chat("FIRING")) == 1 and len(told("FIRING")) == 1
 
         # --- the counter drops: RESOLVED -----------------------------------------------------
         lowered_at = time.monotonic()

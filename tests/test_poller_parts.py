@@ -13,7 +13,7 @@ import yaml
 
 from exporter.fetchstore import FetchStore
 from exporter.mapping import Sample
-from exporter.metrics import TASKS
+from exporter.metrics import IM_UNREAD, TASKS
 from exporter.oncelog import OnceLog
 from tests.support import make_portal, portal_config, wait_for
 
@@ -29,18 +29,18 @@ def test_a_failed_fetch_keeps_its_last_good_samples_until_stale_after() -> None:
     store = FetchStore()
     store.succeed("t1", [sample(3)], now=100.0)
     store.fail("t1", now=100.0 + STALE_AFTER, stale_after=STALE_AFTER)
-    assert store.samples() == (sample(3),)
+    assert list(store.samples()) == [sample(3)]
     store.fail("t1", now=100.0 + STALE_AFTER + 0.001, stale_after=STALE_AFTER)
-    assert store.samples() == ()
+    assert list(store.samples()) == []
     store.succeed("t1", [sample(4)], now=200.0)
-    assert store.samples() == (sample(4),)
+    assert list(store.samples()) == [sample(4)]
 
 
 def test_a_fetch_that_never_succeeded_has_no_samples() -> None:
     store = FetchStore()
     store.fail("t1", now=100.0, stale_after=STALE_AFTER)
-    assert store.samples() == ()
-    assert "t1" in store.fetches
+    assert list(store.samples()) == []
+    assert "t1" in store.slots
 
 
 def test_a_cycle_without_any_answer_fails_every_watched_owner() -> None:
@@ -50,7 +50,7 @@ def test_a_cycle_without_any_answer_fails_every_watched_owner() -> None:
     store.finish({(1, "tasks"): True, (1, "im"): False}, now=100.0)
     fresh = store.fail_all(now=100.0 + STALE_AFTER + 1, stale_after=STALE_AFTER)
     assert fresh == {(1, "tasks"): False, (1, "im"): False}
-    assert store.samples() == ()
+    assert list(store.samples()) == []
     statuses = store.statuses(fresh, up=False)
     assert [(s.user_id, s.source, s.success, s.last_success) for s in statuses] == [
         (1, "im", False, None),
@@ -59,13 +59,19 @@ def test_a_cycle_without_any_answer_fails_every_watched_owner() -> None:
 
 
 def test_unchanged_values_keep_last_cycles_objects() -> None:
-    """Equal samples are not replaced (renewing them all set off full GCs on big portals)."""
+    """Equal lines are not replaced, and their family's block stays the same object (the
+    renderer reuses what it joined and compressed); a changed value gives a new block."""
     store = FetchStore()
     store.succeed("t1", [sample(3)], now=1.0)
-    first = store.fetches["t1"].samples
+    store.succeed("t2", [Sample(IM_UNREAD, ("acme", "1", "chat"), 1.0)], now=1.0)
+    tasks, im = store.samples().block(TASKS), store.samples().block(IM_UNREAD)
     store.succeed("t1", [sample(3)], now=2.0)
-    assert store.fetches["t1"].samples is first
-    assert store.fetches["t1"].last_success == 2.0
+    assert store.last_fetch("t1") == 2.0
+    assert store.samples().block(TASKS) is tasks
+    store.succeed("t1", [sample(4)], now=3.0)
+    assert store.samples().block(TASKS) is not tasks
+    assert store.samples().block(IM_UNREAD) is im
+    assert list(store.samples()) == [sample(4), Sample(IM_UNREAD, ("acme", "1", "chat"), 1.0)]
 
 
 def test_a_portal_that_is_down_reports_no_success() -> None:
@@ -81,7 +87,7 @@ def test_keep_only_forgets_users_that_left() -> None:
     store.succeed("t2", [sample(2)], now=1.0)
     store.finish({(1, "tasks"): True, (2, "tasks"): True}, now=1.0)
     store.keep_only({"t1"}, {(1, "tasks")})
-    assert list(store.fetches) == ["t1"]
+    assert list(store.slots) == ["t1"]
     assert list(store.last_success) == [(1, "tasks")]
 
 

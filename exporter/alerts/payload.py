@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from exporter.typenames import TypeWords, type_word
+
 Status = Literal["firing", "resolved"]
 STATUSES: tuple[Status, ...] = ("firing", "resolved")
 
@@ -168,16 +170,11 @@ def _at(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+_JSON_WORDS: TypeWords = ((type(None), "null"), (bool, "boolean"), (dict, "object"), (list, "list"))
+
+
 def _kind(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, dict):
-        return "object"
-    if isinstance(value, list):
-        return "list"
-    return type(value).__name__
+    return type_word(value, _JSON_WORDS)
 
 
 def _short(text: str, limit: int = 40) -> str:
