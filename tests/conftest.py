@@ -16,11 +16,17 @@ import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from hypothesis import settings
 
 from exporter.config import Config
 from exporter.fakeportal import FakePortal, serve
 from exporter.server import build_app
 from tests.support import LEAK_LOGGERS, ExporterProcess, LeakWatch, wait_for
+
+# Hypothesis fails an example that takes longer than 200 ms by default: a wall-clock bound
+# that a loaded machine breaks. Properties are about answers, not speed (bench/ measures that).
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
