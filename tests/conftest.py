@@ -7,6 +7,7 @@ The helpers the fixtures use are in `tests/support.py`; tests import them from t
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,3 +145,17 @@ def exporter_process(
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Subprocesses started by the test, stopped by PID at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in reversed(started):
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,20 +63,6 @@ async def portal() -> AsyncIterator[tuple[fakeportal.FakePortal, str]]:
         yield portal, url + path
     finally:
         await runner.cleanup()
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Subprocesses started by the test, stopped by PID at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in reversed(started):
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def alertmanager_config(target: Path, exporter: str, token_file: Path) -> None:

@@ -13,10 +13,8 @@ its name and, where the mode allows, its head.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from tests.operator_kit_lib import (
     load_dashboard,
     rule_exprs,
     strip_threshold,
+    wait_until,
 )
 from tests.support import free_port, require_binary, start_process
 from tests.teams_company import KEY, company, hashed, raw_config
@@ -64,25 +63,6 @@ MODES: dict[str, dict[str, Any]] = {
 HEADS = {"none": "Quillon Vexlar", "pseudonymous": hashed(900101), "aggregate": None}
 
 
-async def wait_until(
-    check: Callable[[], Awaitable[Any]], what: str, timeout: float, step: float = 0.25
-) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout`
-    (a liveness bound, far above what it takes)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await check()
-        except (aiohttp.ClientError, OSError) as error:
-            last = error
-        else:
-            if last:
-                return last
-        await asyncio.sleep(step)
-    pytest.fail(f"{what}: not within {timeout}s (last: {last!r})")
-
-
 def teams_row_titles() -> set[str]:
     """The titles of the panels of the dashboard's Teams row."""
     titles: set[str] = set()
@@ -108,20 +88,6 @@ def new_exprs() -> list[Expr]:
     found += [e for e in rule_exprs() if e.where.split()[-1] in NEW_RULES]
     assert len(found) == 4 + len(NEW_VARIABLES) + len(NEW_RULES)
     return found
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Subprocesses started by the test, stopped by PID at the end."""
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for proc in reversed(started):
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
