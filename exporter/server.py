@@ -73,6 +73,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return response
 
 
+FIRST_WRITE = 16 * 1024
+WRITE_SIZE = 1024 * 1024
+
+
 class Parts(payload.Payload):
     """A body sent as its parts one after the other (the plain bodies share sample lines)."""
 
@@ -82,10 +86,17 @@ class Parts(payload.Payload):
         self._size = sum(len(part) for part in parts)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
+        # aiohttp joins the headers with the first write: a small one, so that the join does
+        # not copy a big part. Then slices of at most 1 MiB, each awaited, so that what the
+        # socket does not take at once stays a small buffer, not a copy of most of the body.
+        first = FIRST_WRITE
         for part in self._parts:
-            # A memoryview: the transport keeps what the socket did not take without
-            # copying the rest of a multi-MB part first.
-            await writer.write(memoryview(part))
+            view = memoryview(part)
+            start = 0
+            while start < len(view):
+                end = start + (first or WRITE_SIZE)
+                await writer.write(view[start:end])
+                start, first = end, 0
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._parts).decode(encoding, errors)
