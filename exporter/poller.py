@@ -207,21 +207,25 @@ class PortalPoller:
     async def _answers(self, plan: list[Planned]) -> AsyncIterator[tuple[Planned, object, float]]:
         """Each planned command with its result (or error) and when it came, in plan order.
 
-        The plan goes out in windows of `WINDOW` commands, two windows in flight, and each
-        window is mapped as soon as it is in: the decoded answers of a big portal then live
-        for a window, not all of them until the cycle's last batch (~150 B per series at
-        10,000 users, all promoted to the old generation on the way)."""
+        The plan goes out in windows of `WINDOW` commands, two in flight after the first,
+        and each window is mapped as soon as it is in: the decoded answers of a big portal
+        then live for a window, not all of them until the cycle's last batch (~150 B per
+        series at 10,000 users, all promoted to the old generation on the way)."""
         windows = [plan[i : i + WINDOW] for i in range(0, len(plan), WINDOW)]
 
         def send(window: list[Planned]) -> asyncio.Future[dict[str, Any]]:
             return asyncio.ensure_future(self.main.batch([p.command for p in window]))
 
-        flying = [send(window) for window in windows[:2]]
+        # The first window alone: until a method's cost is known, the operating budget lets
+        # one batch learn it while any other waits half a second.
+        flying = [send(windows[0])] if windows else []
+        sent = len(flying)
         try:
-            for number, window in enumerate(windows):
+            for window in windows:
                 outcome = await flying.pop(0)
-                if number + 2 < len(windows):
-                    flying.append(send(windows[number + 2]))
+                while sent < len(windows) and len(flying) < 2:
+                    flying.append(send(windows[sent]))
+                    sent += 1
                 now = self._clock()
                 for index, planned in enumerate(window):
                     if index % MAP_SLICE == MAP_SLICE - 1:
