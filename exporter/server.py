@@ -13,7 +13,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 from aiohttp import payload, web
 from aiohttp.abc import AbstractStreamWriter
@@ -79,6 +79,31 @@ WRITE_SIZE = 1024 * 1024
 BUFFER_LIMIT = 16 * 1024 * 1024
 
 
+def slices(parts: Iterable[bytes], first: int, size: int) -> Iterator[bytes | memoryview]:
+    """The parts cut and joined into pieces to write: the first of `first` bytes, the others
+    of `size` (the last may be shorter). A piece inside one part is a view of it, not a
+    copy; small parts (many portals' blocks) are joined, so a piece is never tiny.
+
+    >>> [bytes(p) for p in slices([b"ab", b"cde", b"", b"fghij"], 1, 4)]
+    [b'a', b'bcde', b'fghi', b'j']
+    """
+    pending: list[memoryview] = []
+    held = 0
+    limit = first
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            taken = view[: limit - held]
+            pending.append(taken)
+            held += len(taken)
+            view = view[len(taken) :]
+            if held == limit:
+                yield pending[0] if len(pending) == 1 else b"".join(pending)
+                pending, held, limit = [], 0, size
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
 class Parts(payload.Payload):
     """A body sent as its parts one after the other (the plain bodies share sample lines)."""
 
@@ -92,17 +117,11 @@ class Parts(payload.Payload):
         # not copy a big part. Then slices of at most 1 MiB, waiting for the socket only
         # once 16 MiB are buffered: waiting after every slice stalled concurrent scrapes of
         # a multi-MB body (8 clients: 120 -> 85 plain-text scrapes/s at 100,000 series).
-        first = FIRST_WRITE
-        for part in self._parts:
-            view = memoryview(part)
-            start = 0
-            while start < len(view):
-                end = start + (first or WRITE_SIZE)
-                if isinstance(writer, StreamWriter):
-                    await writer.write(view[start:end], LIMIT=BUFFER_LIMIT)
-                else:
-                    await writer.write(view[start:end])
-                start, first = end, 0
+        for piece in slices(self._parts, FIRST_WRITE, WRITE_SIZE):
+            if isinstance(writer, StreamWriter):
+                await writer.write(piece, LIMIT=BUFFER_LIMIT)
+            else:
+                await writer.write(piece)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._parts).decode(encoding, errors)

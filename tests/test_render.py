@@ -15,6 +15,7 @@ from exporter.lines import Series
 from exporter.mapping import Sample
 from exporter.metrics import Family
 from exporter.render import PART_SIZE, ExporterInfo, Segments, assemble
+from exporter.server import slices
 
 LABEL_TEXT = st.one_of(
     st.text(st.characters(exclude_categories=["Cs"]), max_size=12),
@@ -82,6 +83,41 @@ def test_gzip_bodies_are_the_plain_bodies_while_blocks_come_and_go() -> None:
     # The process metrics change between assemblies; everything before them is the same.
     again = assemble(portals, info, segments=segments)
     assert _without_process(again.text) == _without_process(previous.text)
+
+
+def test_plain_bodies_hold_the_blocks_themselves() -> None:
+    """Many portals' small blocks are compressed together but never copied into a joined
+    part: each block is in both plain bodies as the very object the portal handed in."""
+    rnd = random.Random(5)
+    portals = [
+        {metrics.TASKS: a_block(rnd, metrics.TASKS, f"p{index}", 3_000)} for index in range(60)
+    ]
+    exposition = assemble(portals, ExporterInfo(poll_interval=60.0))
+    blocks = [portal[metrics.TASKS] for portal in portals]
+    for parts in (exposition.text_parts, exposition.openmetrics_parts):
+        held = {id(part) for part in parts}
+        assert all(id(block) in held for block in blocks)
+    assert gzip.decompress(exposition.openmetrics_gzip) == exposition.openmetrics
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.binary(max_size=40), max_size=12),
+    first=st.integers(1, 20),
+    size=st.integers(1, 30),
+)
+def test_slices_cut_and_join_parts_into_pieces_of_the_size_asked(
+    parts: list[bytes], first: int, size: int
+) -> None:
+    """Whatever the parts, the pieces are the body in order: the first `first` bytes, then
+    `size` each, only the last shorter."""
+    pieces = [bytes(piece) for piece in slices(parts, first, size)]
+    assert b"".join(pieces) == b"".join(parts)
+    wanted = [first] + [size] * len(pieces)
+    assert all(len(p) == w for p, w in zip(pieces[:-1], wanted, strict=False))
+    assert all(
+        0 < len(p) <= w for p, w in zip(pieces[-1:], wanted[len(pieces) - 1 :], strict=False)
+    )
 
 
 def _without_process(body: bytes) -> bytes:
