@@ -9,11 +9,12 @@ the last of them is rendered, each portal's last cycle duration and lateness, th
 RSS, peak RSS and CPU seconds, every garbage collection of the oldest generation (when it
 ended and how long it held the interpreter) with the longest of the younger ones, and every
 time the event loop was held for over 20 ms (a 1 ms timer's lateness; what ended meanwhile:
-a cycle, a render).
+a cycle, a render) when `BENCH_STALLS=1` is in its environment: the 1 ms timer that finds
+the stalls costs the event loop ~1 s of CPU a minute, so only `serving.py` turns it on.
 `?objects=1` adds the number of objects the collector tracks (and how many are frozen).
 
 With `BENCH_TRACEMALLOC=1` in its environment the child traces allocations from just before
-polling starts, and `GET /_bench/trace` answers the live traced bytes per source file.
+polling starts, and `GET /_bench/trace` answers the live traced bytes per source file (`?by=line`: per line).
 """
 
 from __future__ import annotations
@@ -127,10 +128,20 @@ async def trace(request: web.Request) -> web.Response:
     """Live traced bytes per file (the innermost frame of each allocation)."""
     if not tracemalloc.is_tracing():
         return web.json_response({"error": "BENCH_TRACEMALLOC is not set"}, status=400)
-    stats = tracemalloc.take_snapshot().statistics("filename")
+    by_line = request.query.get("by") == "line"
+    stats = tracemalloc.take_snapshot().statistics("lineno" if by_line else "filename")
     return web.json_response(
         {
-            "files": [(s.traceback[0].filename, s.size, s.count) for s in stats],
+            "files": [
+                (
+                    f"{s.traceback[0].filename}:{s.traceback[0].lineno}"
+                    if by_line
+                    else s.traceback[0].filename,
+                    s.size,
+                    s.count,
+                )
+                for s in stats
+            ],
             "traced": tracemalloc.get_traced_memory(),
         }
     )
@@ -151,13 +162,14 @@ async def main() -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    watcher = asyncio.create_task(watch_loop(app))
+    watcher = asyncio.create_task(watch_loop(app)) if os.environ.get("BENCH_STALLS") else None
     stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
     await stopped.wait()
-    watcher.cancel()
+    if watcher is not None:
+        watcher.cancel()
     await runner.cleanup()
 
 

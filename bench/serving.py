@@ -234,7 +234,7 @@ async def measure_size(target: int, seconds: float, drift: float) -> dict[str, A
                     their_rps = await python_rps(peer.url + "/metrics", headers, 2 * seconds)
                     result["rows"].append((profile, ours, theirs, our_rps, their_rps, our_wrk))
         busy = config_of([entry], poll_interval="1s")
-        async with ExporterChild(busy, cpus={0}) as exporter:
+        async with ExporterChild(busy, cpus={0}, env={"BENCH_STALLS": "1"}) as exporter:
             await exporter.wait_ready()
             load_before = os.getloadavg()[0]
             start = await exporter.state()

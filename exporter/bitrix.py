@@ -128,7 +128,7 @@ class ClientStats:
                 break
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Command:
     """One call inside a batch; `key` must not look like a number."""
 
@@ -200,7 +200,6 @@ class BitrixClient:
         self.retry = retry
         self._concurrency = asyncio.Semaphore(concurrency)
         self._in_flight = concurrency
-        self._random = random.Random()
 
     # -- public API -------------------------------------------------------------
 
@@ -400,7 +399,7 @@ class BitrixClient:
                     raise
                 if not error.retryable or attempt >= self.retry.max_retries:
                     raise
-                delay = self.retry.delay(attempt, self._random.random())
+                delay = self.retry.delay(attempt, random.random())
                 if error.error == "QUERY_LIMIT_EXCEEDED":
                     # Someone else drains the same bucket: give it time to leak.
                     self.throttle.pause(max(delay, 1.0 / self.throttle.requests_per_second))

@@ -9,7 +9,7 @@ One command per (user, group, role); the result is a map of counter name to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import ClassVar
 
 from exporter.bitrix import Command
@@ -19,6 +19,44 @@ from exporter.metrics import TASKS, Family
 from exporter.sources import Planned, check_method
 
 METHOD = "tasks.task.counters.get"
+PARAM_NAMES = ("userId", "groupId", "type")
+
+
+class TaskParams(Mapping[str, object]):
+    """A command's parameters in three slots rather than a dict: the plan keeps one per
+    user, group and role for as long as the users stay the same (~140 B less each, ~40 B
+    per exported series).
+
+    >>> params = TaskParams(7, 0, "view_all")
+    >>> dict(params) == {"userId": 7, "groupId": 0, "type": "view_all"}
+    True
+    """
+
+    __slots__ = ("group_id", "role", "user_id")
+
+    def __init__(self, user_id: int, group_id: int, role: str) -> None:
+        self.user_id = user_id
+        self.group_id = group_id
+        self.role = role
+
+    def __getitem__(self, name: str) -> object:
+        match name:
+            case "userId":
+                return self.user_id
+            case "groupId":
+                return self.group_id
+            case "type":
+                return self.role
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(PARAM_NAMES)
+
+    def __len__(self) -> int:
+        return len(PARAM_NAMES)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 class TasksSource:
@@ -41,7 +79,7 @@ class TasksSource:
                 Command(
                     f"t{user_id}_g{group_id}_{role}",
                     METHOD,
-                    {"userId": user_id, "groupId": group_id, "type": role},
+                    TaskParams(user_id, group_id, role),
                 ),
                 user_id,
                 self,
