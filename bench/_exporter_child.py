@@ -14,7 +14,8 @@ the stalls costs the event loop ~1 s of CPU a minute, so only `serving.py` turns
 `?objects=1` adds the number of objects the collector tracks (and how many are frozen).
 
 With `BENCH_TRACEMALLOC=1` in its environment the child traces allocations from just before
-polling starts, and `GET /_bench/trace` answers the live traced bytes per source file (`?by=line`: per line).
+polling starts, and `GET /_bench/trace` answers the live traced bytes per source file
+(`?by=line`: per line).
 """
 
 from __future__ import annotations

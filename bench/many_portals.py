@@ -121,6 +121,11 @@ async def main() -> None:
                     "RSS per portal (steady - baseline)",
                     f"{(max(samples) - baseline) / count:.0f} KiB",
                 ],
+                [
+                    "RSS per series: all told / marginal (compare memory.py at as many series)",
+                    f"{max(samples) * 1024 / series:,.0f} / "
+                    f"{(max(samples) - baseline) * 1024 / series:,.0f} B",
+                ],
                 ["requests / 503s (all portals)", f"{requests:,} / {status_503}"],
             ],
         )
