@@ -32,8 +32,8 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter import metrics
-from exporter.bitrix import OPERATING_WINDOW, ClientStats, RetryPolicy, new_session
+from exporter import fakeportal, metrics
+from exporter.bitrix import OPERATING_WINDOW, ClientStats, RetryPolicy, new_session, php_query
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.mapping import (
     NoAccess,
@@ -778,3 +778,35 @@ async def test_error_text_with_a_lone_surrogate(
     assert "bad ? token" in await landing.text()
     assert (await client.get("/metrics")).status == 200
     assert not [r for r in exporter_records.records if r.exc_info]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    params=st.dictionaries(
+        st.text(string.ascii_letters, min_size=1, max_size=8),
+        st.one_of(
+            st.integers(),
+            st.text(st.characters(exclude_categories=["Cs"]), max_size=12),
+            st.text(st.sampled_from("a&=+% #?[]/.~-_ü"), max_size=8),
+            st.lists(st.integers(0, 99), min_size=1, max_size=3),
+            st.dictionaries(st.sampled_from(["ID", "ACTIVE"]), st.booleans(), min_size=1),
+        ),
+        max_size=5,
+    )
+)
+@example(params={"userId": 12345, "groupId": 0, "type": "view_role_responsible"})
+@example(params={"q": "a&b=c+d%"})
+def test_php_query_reads_back_as_php_parses_it(params: dict[str, Any]) -> None:
+    """Whatever the values, PHP's parse_str (the fake portal's) reads back what was meant:
+    strings and numbers as text, lists in order, booleans as Y/N."""
+
+    def as_php(value: Any) -> Any:
+        if isinstance(value, bool):
+            return "Y" if value else "N"
+        if isinstance(value, dict):
+            return {k: as_php(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [as_php(v) for v in value]
+        return str(value)
+
+    assert fakeportal.parse_php_query(php_query(params)) == as_php(params)

@@ -93,9 +93,11 @@ class TasksSource:
         command = planned.command
         check_method(self, command)
         params = command.params
-        return task_counter_samples(
-            self.portal, planned.user_id, int(params["groupId"]), str(params["type"]), result
-        )
+        if isinstance(params, TaskParams):
+            group_id, role = params.group_id, params.role
+        else:
+            group_id, role = int(params["groupId"]), str(params["type"])
+        return task_counter_samples(self.portal, planned.user_id, group_id, role, result)
 
     def describe(self, command: Command) -> str:
         return f"group {command.params['groupId']}, role {command.params['type']}"
