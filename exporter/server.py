@@ -76,32 +76,44 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 FIRST_WRITE = 16 * 1024
 WRITE_SIZE = 1024 * 1024
+JOIN_SIZE = 64 * 1024
 BUFFER_LIMIT = 16 * 1024 * 1024
 
 
-def slices(parts: Iterable[bytes], first: int, size: int) -> Iterator[bytes | memoryview]:
-    """The parts cut and joined into pieces to write: the first of `first` bytes, the others
-    of `size` (the last may be shorter). A piece inside one part is a view of it, not a
-    copy; small parts (many portals' blocks) are joined, so a piece is never tiny.
+def slices(
+    parts: Iterable[bytes], first: int, size: int, join: int = JOIN_SIZE
+) -> Iterator[bytes | memoryview]:
+    """The parts as pieces to write. A part of `join` bytes or more is cut into views of it
+    (never copied): at most `first` bytes if it opens the body, else at most `size`. Runs
+    of smaller parts (many portals' blocks) are joined into pieces of about `join` bytes,
+    so that no piece is tiny and no copy is big (a copy of 1 MiB per scrape was a fresh
+    mapping, paid in page faults).
 
-    >>> [bytes(p) for p in slices([b"ab", b"cde", b"", b"fghij"], 1, 4)]
-    [b'a', b'bcde', b'fghi', b'j']
+    >>> [bytes(p) for p in slices([b"abcdef", b"g", b"h", b"ij", b"klmnopq"], 4, 5, join=3)]
+    [b'abcd', b'ef', b'ghij', b'klmno', b'pq']
     """
-    pending: list[memoryview] = []
+    pending: list[bytes] = []
     held = 0
     limit = first
     for part in parts:
+        if not part:
+            continue
+        if len(part) < join:
+            pending.append(part)
+            held += len(part)
+            if held >= join:
+                yield b"".join(pending)
+                pending, held, limit = [], 0, size
+            continue
+        if pending:
+            yield b"".join(pending)
+            pending, held, limit = [], 0, size
         view = memoryview(part)
         while view:
-            taken = view[: limit - held]
-            pending.append(taken)
-            held += len(taken)
-            view = view[len(taken) :]
-            if held == limit:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
-                pending, held, limit = [], 0, size
+            yield view[:limit]
+            view, limit = view[limit:], size
     if pending:
-        yield pending[0] if len(pending) == 1 else b"".join(pending)
+        yield b"".join(pending)
 
 
 class Parts(payload.Payload):
