@@ -98,27 +98,36 @@ class Block:
     """One family's lines of one portal, as pieces joined once, when first read.
 
     A block is made on the event loop from references (cheap) and joined by whoever reads
-    it first, usually the render thread. Two threads reading it at once may both join it;
-    each gets the same bytes.
+    it first, usually the render thread; `Block.later` makes one whose lines are written
+    then. Two threads reading it at once may both make it; each gets the same bytes.
     """
 
-    __slots__ = ("_data", "_pieces", "family")
+    __slots__ = ("_data", "_make", "_pieces", "family")
 
     def __init__(self, family: Family, pieces: Iterable[bytes | memoryview]) -> None:
         self.family = family
         self._pieces: tuple[bytes | memoryview, ...] | None = tuple(pieces)
+        self._make: Callable[[], bytes] | None = None
         self._data: bytes | None = None
+
+    @classmethod
+    def later(cls, family: Family, make: Callable[[], bytes]) -> Block:
+        """A block whose lines `make` writes when the block is first read."""
+        block = cls(family, ())
+        block._make = make
+        return block
 
     @property
     def data(self) -> bytes:
         data = self._data
         if data is None:
-            pieces = self._pieces
-            if pieces is None:  # joined by another thread meanwhile (it sets _data first)
+            pieces, make = self._pieces, self._make
+            if pieces is None:  # made by another thread meanwhile (it sets _data first)
                 return cast(bytes, self._data)
-            data = b"".join(pieces)
+            data = make() if make is not None else b"".join(pieces)
             self._data = data
             self._pieces = None
+            self._make = None
         return data
 
 
@@ -164,7 +173,8 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"', re.DOTALL)
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
 
-def _unescape(text: str) -> str:
+def unescape(text: str) -> str:
+    """A label value as it was before it was written into a line."""
     if "\\" not in text:
         return text
     return _ESCAPED.sub(lambda m: "\n" if m[1] == "n" else m[1], text)
@@ -178,7 +188,7 @@ def read_samples(family: Family, data: bytes) -> Iterator[Sample]:
         head, _, value = line.rpartition(" ")
         brace = head.find("{")
         labels = (
-            tuple(_unescape(v) for _, v in _LABEL.findall(head, brace + 1, len(head) - 1))
+            tuple(unescape(v) for _, v in _LABEL.findall(head, brace + 1, len(head) - 1))
             if brace >= 0
             else ()
         )

@@ -318,6 +318,6 @@ class PortalPoller:
             behind=behind,
             cycles=self.cycles,
             error=error,
-            health=health_of(statuses),
+            health=health_of(fresh, up),
         )
         return self.privacy.apply(snapshot)

@@ -35,17 +35,23 @@ class SourceHealth:
     succeeded: int
 
 
-def health_of(statuses: Iterable[Status]) -> tuple[SourceHealth, ...]:
-    """The per-source counts of `statuses`, which outlive the privacy mode ``aggregate``."""
+Owner = tuple[int, str]  # (user_id, source name)
+
+
+def health_of(fresh: Mapping[Owner, bool], up: bool) -> tuple[SourceHealth, ...]:
+    """The per-source counts of a cycle's outcome (`fresh`: whether each (user, source)
+    was fetched), which outlive the privacy mode ``aggregate``. Counted from the outcome,
+    not from the statuses, so that those are still made only when first read.
+
+    >>> health_of({(1, "tasks"): True, (2, "tasks"): False}, up=True)
+    (SourceHealth(source='tasks', users=2, succeeded=1),)
+    """
     users: dict[str, int] = {}
     succeeded: dict[str, int] = {}
-    for status in statuses:
-        users[status.source] = users.get(status.source, 0) + 1
-        succeeded[status.source] = succeeded.get(status.source, 0) + status.success
+    for (_, source), ok in fresh.items():
+        users[source] = users.get(source, 0) + 1
+        succeeded[source] = succeeded.get(source, 0) + (ok and up)
     return tuple(SourceHealth(s, users[s], succeeded[s]) for s in sorted(users))
-
-
-Owner = tuple[int, str]  # (user_id, source name)
 
 
 class Statuses(Sequence[Status]):

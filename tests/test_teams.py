@@ -3,6 +3,7 @@ min_team_size rule, and the privacy modes applied to a snapshot, table-tested.""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 
@@ -11,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.bitrix import ClientStats
+from exporter.config import PrivacyMode
+from exporter.lines import Block, Series
 from exporter.mapping import (
     DepartmentRecord,
     PayloadError,
@@ -431,6 +434,80 @@ def test_aggregate_mode_leaves_no_series_about_a_person() -> None:
     assert out.statuses == () and out.user_names == ()
     assert privacy.who(7) is None
     assert privacy.min_team_size == 5
+
+
+LABEL_TEXT = st.one_of(
+    st.sampled_from(["7", "12", "", "dialog", "dialog7", "chat", 'a"b', "x\\y", "n\nl", "ü"]),
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=8),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(LABEL_TEXT, LABEL_TEXT, LABEL_TEXT, LABEL_TEXT, LABEL_TEXT), max_size=8
+    ),
+    mode=st.sampled_from(["pseudonymous", "aggregate"]),
+)
+def test_lines_are_hidden_exactly_as_their_samples_would_be(
+    rows: list[tuple[str, str, str, str, str]], mode: PrivacyMode
+) -> None:
+    """Whatever a label holds (quotes, backslashes, newlines, text that looks like another
+    label), rewriting the exposition lines gives what hiding each sample gives."""
+    samples = [
+        s
+        for user, section, chat, name, head in rows
+        for s in (
+            Sample(IM_CHAT_UNREAD, ("acme", user, section, chat), 1.0),
+            Sample(DEPARTMENT_INFO, ("acme", chat, name, section, head), 1.0),
+        )
+    ]
+
+    def hidden(value: str) -> str:
+        return "" if mode == "aggregate" or not value else pseudonym(KEY, "acme", value)
+
+    def dialog(s: Sample) -> str:
+        other = s.labels[3]
+        is_dialog = s.labels[2].startswith("dialog") and other
+        return pseudonym(KEY, "acme", other) if is_dialog else other
+
+    expected = [
+        Sample(s.family, (s.labels[0], hidden(s.labels[1]), s.labels[2], dialog(s)), 1.0)
+        if s.family is IM_CHAT_UNREAD
+        else Sample(s.family, (*s.labels[:4], hidden(s.labels[4])), 1.0)
+        for s in samples
+        if not (mode == "aggregate" and s.family is IM_CHAT_UNREAD)
+    ]
+
+    def dialog(s: Sample) -> str:
+        other = s.labels[3]
+        return (
+            pseudonym(KEY, "acme", other) if s.labels[2].startswith("dialog") and other else other
+        )
+
+    out = Privacy("acme", mode, key=KEY).apply(snapshot(samples))
+    assert list(out.samples) == sorted(expected, key=lambda s: s.family is not IM_CHAT_UNREAD)
+
+
+def test_an_unchanged_block_is_not_rewritten_again() -> None:
+    """A family whose lines did not change since the last cycle keeps last cycle's rewrite
+    (the same object, so the renderer reuses its work too); a family that goes is not read."""
+    privacy = Privacy("acme", "pseudonymous", key=KEY)
+    first = snapshot(MIXED)
+    out = privacy.apply(first)
+    again = privacy.apply(dataclasses.replace(first, cycles=2))
+    assert again.samples.block(TASKS) is out.samples.block(TASKS)
+    changed = privacy.apply(snapshot([task(7, 3), *MIXED[1:]]))
+    assert changed.samples.block(TASKS) is not out.samples.block(TASKS)
+    assert [s.value for s in changed.samples if s.family is TASKS] == [3.0]
+
+    def unread() -> bytes:
+        raise AssertionError("a family that goes was read")
+
+    lines = Series([Block.later(TASKS, unread), *Series.of(MIXED[4:]).blocks.values()])
+    dropped = Privacy("acme", "aggregate").apply(dataclasses.replace(first, samples=lines))
+    assert dropped.samples.block(TASKS) is None
+    assert len(list(dropped.samples)) == 3  # the department families, read as usual
 
 
 def test_mode_none_changes_nothing() -> None:
