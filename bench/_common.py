@@ -124,6 +124,11 @@ def median(values: Sequence[float]) -> float:
 # ---- configs -------------------------------------------------------------------------------
 
 
+# The privacy modes' key in benchmark configs (`--privacy`).
+PSEUDONYM_KEY = "bench-pseudonym-key-0123456789"
+PRIVACY_MODES = ("none", "pseudonymous", "aggregate")
+
+
 def portal_entry(
     name: str,
     url: str,
@@ -132,14 +137,18 @@ def portal_entry(
     roles: Sequence[str] = ROLES,
     rate_limit: object = "standard",
     operating_limit: float = 480.0,
+    privacy: str = "none",
 ) -> dict[str, Any]:
-    return {
+    entry: dict[str, Any] = {
         "name": name,
         "webhook": f"{url}/rest/1/{SECRET}/",
         "rate_limit": rate_limit,
         "operating_limit": operating_limit,
         "tasks": {"users": users, "roles": list(roles)},
     }
+    if privacy != "none":
+        entry["privacy"] = {"mode": privacy, "pseudonym_key": PSEUDONYM_KEY}
+    return entry
 
 
 def config_of(portals: list[dict[str, Any]], **settings: Any) -> dict[str, Any]:

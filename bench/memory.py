@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 from _common import (
     NO_LIMIT,
+    PRIVACY_MODES,
     PROMETHEUS_HEADERS,
     ExporterChild,
     FakeFleet,
@@ -53,9 +54,11 @@ MALLOC = {
 }
 
 
-async def measure(users: int, cycles: int, malloc: str, drift: float) -> dict[str, Any]:
+async def measure(
+    users: int, cycles: int, malloc: str, drift: float, privacy: str = "none"
+) -> dict[str, Any]:
     async with FakeFleet([FakeSpec(users, drift=drift)]) as fleet:
-        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
+        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT, privacy=privacy)
         raw = config_of([entry], poll_interval="5s")
         async with ExporterChild(raw, env=MALLOC[malloc]) as exporter:
             await exporter.wait_ready()
@@ -101,15 +104,20 @@ async def main() -> None:
     parser.add_argument(
         "--malloc", choices=[*MALLOC, "both"], default="both", help="glibc malloc runs (both)"
     )
+    parser.add_argument(
+        "--privacy", choices=PRIVACY_MODES, default="none", help="the portal's privacy mode"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("1000" if args.quick else "1000,10000")).split(",")]
     print_machine()
     print(
         "users x 5 roles, poll_interval 5s, fake portal without a limit in another process;"
-        f" {args.drift:g} counter sets changed per second\n"
+        f" {args.drift:g} counter sets changed per second; privacy mode {args.privacy}\n"
     )
     runs = list(MALLOC) if args.malloc == "both" else [args.malloc]
-    results = [await measure(u, args.cycles, m, args.drift) for u in sizes for m in runs]
+    results = [
+        await measure(u, args.cycles, m, args.drift, args.privacy) for u in sizes for m in runs
+    ]
     mib = 1024 * 1024
     rows = []
     for r in results:

@@ -46,6 +46,7 @@ from typing import Any
 import aiohttp
 from _common import (
     NO_LIMIT,
+    PRIVACY_MODES,
     PROMETHEUS_HEADERS,
     ExporterChild,
     FakeFleet,
@@ -205,11 +206,13 @@ async def wrk_or_none(url: str, headers: dict[str, str], seconds: float) -> floa
 # ---- one size --------------------------------------------------------------------------
 
 
-async def measure_size(target: int, seconds: float, drift: float) -> dict[str, Any]:
+async def measure_size(
+    target: int, seconds: float, drift: float, privacy: str = "none"
+) -> dict[str, Any]:
     users = max(1, round(target / SERIES_PER_USER))
     result: dict[str, Any] = {"target": target, "users": users, "rows": []}
     async with FakeFleet([FakeSpec(users, drift=drift)], cpus={1}, nice=19) as fleet:
-        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT)
+        entry = portal_entry("bench", fleet.urls[0], rate_limit=NO_LIMIT, privacy=privacy)
         idle = config_of([entry], poll_interval="1h")
         async with ExporterChild(idle, cpus={0}) as exporter:
             ready = await exporter.wait_ready()
@@ -377,15 +380,21 @@ async def main() -> None:
     parser.add_argument(
         "--drift", type=float, default=0.0, help="(user, role) counter sets changed per second"
     )
+    parser.add_argument(
+        "--privacy", choices=PRIVACY_MODES, default="none", help="the portal's privacy mode"
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000")).split(",")]
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)) or {0})
     print_machine()
-    print(f"servers pinned to CPU 0; client and fake portal on the rest; {seconds:g}s per run\n")
+    print(
+        f"servers pinned to CPU 0; client and fake portal on the rest; {seconds:g}s per run;"
+        f" privacy mode {args.privacy}\n"
+    )
     results = []
     for size in sizes:
-        results.append(await measure_size(size, seconds, args.drift))
+        results.append(await measure_size(size, seconds, args.drift, args.privacy))
         if len(sizes) > 1:
             report(results[-1:])  # in case a later size fails
             print(flush=True)
