@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+from functools import partial
 
 import pytest
 from hypothesis import given, settings
@@ -31,6 +32,7 @@ from exporter.metrics import (
     IM_UNREAD,
     TASKS,
     USER_DEPARTMENT,
+    Family,
 )
 from exporter.privacy import Privacy, pseudonym
 from exporter.snapshot import PortalSnapshot, Status
@@ -41,6 +43,7 @@ from exporter.teams import (
     department_samples,
     members_of,
     shown_departments,
+    with_departments,
 )
 
 # ---- mapping ------------------------------------------------------------------------------
@@ -331,6 +334,28 @@ def test_department_sums_cover_sub_departments_and_count_each_user_once() -> Non
         ("acme", "8", "3"),
         ("acme", "9", "3"),
     }
+
+
+def test_department_sums_are_made_when_first_read_and_equal_the_pure_sums() -> None:
+    """with_departments hands the summing to whoever first reads a department family (the
+    render thread), reads the users' lines once, and gives what department_samples gives."""
+    chart = OrgChart.of([DepartmentRecord(1, "Acme", None, 7), DepartmentRecord(2, "Sales", 1, 8)])
+    memberships = {7: [1], 8: [2]}
+    samples = [task(7, 1), task(8, 2), im(7, 3)]
+    view = TeamView("acme", frozenset({("0", "view_all")}))
+    reads: list[Family] = []
+    blocks = Series.of(samples).blocks
+
+    def read(family: Family) -> bytes:
+        reads.append(family)
+        return blocks[family].data
+
+    lazy = Series([Block.later(f, partial(read, f)) for f in blocks])
+    out = with_departments(view, chart, memberships, [7, 8], lazy)
+    assert reads == []
+    expected = department_samples(view, chart, memberships, [7, 8], samples)
+    assert [s for s in out if s.family not in (TASKS, IM_UNREAD)] == list(Series.of(expected))
+    assert reads == [TASKS, IM_UNREAD]  # each once, by the sums (the users' own: cached)
 
 
 def test_a_user_whose_counters_are_not_all_exported_does_not_count() -> None:
