@@ -31,7 +31,7 @@ from exporter.oncelog import OnceLog
 from exporter.privacy import Privacy
 from exporter.snapshot import PortalSnapshot, copy_stats, health_of
 from exporter.sources import Planned, Planner, Source, sources_for
-from exporter.teams import TeamView, with_departments
+from exporter.teams import DepartmentSums, TeamView
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class PortalPoller:
         # Everything that leaves the process (snapshots, log lines) passes the privacy mode.
         self.privacy = Privacy.of(portal)
         self.directory.who = self.privacy.who
-        self.team_view = TeamView.of(portal, self.privacy.min_team_size)
+        self.department_sums = DepartmentSums(TeamView.of(portal, self.privacy.min_team_size))
         self.store = old.store if old and same_auth else FetchStore()
         self.cycles = old.cycles if old and same_auth else 0
         self.once = old.once if old else OnceLog(log)
@@ -305,7 +305,7 @@ class PortalPoller:
         samples, chart = self.store.samples(), self.directory.chart
         if self.portal.teams.enabled and chart is not None:
             members = self.directory.memberships
-            samples = with_departments(self.team_view, chart, members, watched, samples)
+            samples = self.department_sums(chart, members, watched, samples)
         snapshot = PortalSnapshot(
             name=self.portal.name,
             up=up,

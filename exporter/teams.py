@@ -267,6 +267,37 @@ def with_departments(
     return Series([*samples.blocks.values(), *later])
 
 
+class DepartmentSums:
+    """`with_departments` for one portal, cycle after cycle: the last result again while
+    what it is made from is the same (the users' series, the chart, the memberships and
+    the watched users), so that a quiet cycle costs no summing (~1 s per 100,000 series)
+    and the renderer reuses the department blocks as they are."""
+
+    def __init__(self, view: TeamView) -> None:
+        self.view = view
+        self._last: tuple[OrgChart, Mapping[int, Sequence[int]], frozenset[int], Series] | None
+        self._last = None
+        self._result = Series()
+
+    def __call__(
+        self,
+        chart: OrgChart,
+        memberships: Mapping[int, Sequence[int]],
+        watched: Iterable[int],
+        samples: Series,
+    ) -> Series:
+        users = frozenset(watched)
+        last = self._last
+        if last is not None:
+            last_chart, last_members, last_users, last_samples = last
+            same = last_chart is chart and last_members is memberships
+            if same and last_samples is samples and last_users == users:
+                return self._result
+        self._result = with_departments(self.view, chart, memberships, users, samples)
+        self._last = (chart, memberships, users, samples)
+        return self._result
+
+
 class _Sums:
     """One cycle's department families, made once by whichever reads one of them first
     (two threads reading at once may both make them; each gets the same lines)."""

@@ -37,6 +37,7 @@ from exporter.metrics import (
 from exporter.privacy import Privacy, pseudonym
 from exporter.snapshot import PortalSnapshot, Status
 from exporter.teams import (
+    DepartmentSums,
     OrgChart,
     TeamView,
     covered_users,
@@ -356,6 +357,28 @@ def test_department_sums_are_made_when_first_read_and_equal_the_pure_sums() -> N
     expected = department_samples(view, chart, memberships, [7, 8], samples)
     assert [s for s in out if s.family not in (TASKS, IM_UNREAD)] == list(Series.of(expected))
     assert reads == [TASKS, IM_UNREAD]  # each once, by the sums (the users' own: cached)
+
+
+def test_department_sums_are_made_again_only_when_what_they_sum_changed() -> None:
+    """A quiet cycle (the same users' series, chart, memberships and users) gets the last
+    sums as they are; a change in any of them gets new ones."""
+    chart = OrgChart.of([DepartmentRecord(1, "Acme", None, 7)])
+    memberships = {7: [1], 8: [1]}
+    samples = Series.of([task(7, 1), task(8, 2)])
+    sums = DepartmentSums(TeamView("acme", frozenset({("0", "view_all")})))
+    first = sums(chart, memberships, {7, 8}, samples)
+    assert sums(chart, memberships, [8, 7], samples) is first
+    changed = Series.of([task(7, 5), task(8, 2)])
+    assert rows_of(list(sums(chart, memberships, {7, 8}, changed)), DEPARTMENT_TASKS) == {
+        ("acme", "1", "0", "view_all", "expired"): 7.0
+    }
+    only_7 = {7: [1]}
+    again = sums(chart, only_7, {7}, changed)
+    assert again is not first and sums(chart, only_7, {7}, changed) is again
+    new_head = OrgChart.of([DepartmentRecord(1, "Acme", None, 8)])
+    assert rows_of(list(sums(new_head, only_7, {7}, changed)), DEPARTMENT_INFO) == {
+        ("acme", "1", "Acme", "", "8"): 1.0
+    }
 
 
 def test_a_user_whose_counters_are_not_all_exported_does_not_count() -> None:
