@@ -105,6 +105,14 @@ COLLECT_SUCCESS_USERS = Family(
     "gauge",
     ("portal", "source"),
 )
+COLLECT_OLDEST_SUCCESS = Family(
+    "bitrix24_collect_oldest_success_timestamp_seconds",
+    "Unix time of the oldest last successful fetch among the users a source fetches for:"
+    " the data age of the portal and source where privacy mode aggregate leaves out"
+    " bitrix24_last_success_timestamp_seconds (only in that mode).",
+    "gauge",
+    ("portal", "source"),
+)
 UP = Family(
     "bitrix24_up",
     "1 if the last poll cycle reached the portal and authenticated, 0 otherwise.",
@@ -233,6 +241,7 @@ PORTAL_HEAD_FAMILIES: tuple[Family, ...] = (
     POLL_BEHIND,
     COLLECT_USERS,
     COLLECT_SUCCESS_USERS,
+    COLLECT_OLDEST_SUCCESS,
     COLLECT_SUCCESS,
     LAST_SUCCESS,
     USER_INFO,

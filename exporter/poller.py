@@ -300,6 +300,8 @@ class PortalPoller:
         up, failure = result.up, result.failure
         error, code = (None, None) if failure is None else (str(failure), failure.error)
         statuses = self.store.statuses(fresh, up, code)
+        # Where no per-user timestamp goes out, the oldest of them stands for their age.
+        aggregate = self.privacy.mode == "aggregate"
         watched = {user_id for user_id, _ in fresh}  # not from `statuses`: made when first read
         names = tuple(sorted((u, n) for u, n in self.directory.names.items() if u in watched))
         samples, chart = self.store.samples(), self.directory.chart
@@ -318,6 +320,6 @@ class PortalPoller:
             behind=behind,
             cycles=self.cycles,
             error=error,
-            health=health_of(fresh, up),
+            health=health_of(fresh, up, self.store.last_success if aggregate else None),
         )
         return self.privacy.apply(snapshot)

@@ -9,8 +9,10 @@
   level name users by their pseudonym.
 - ``aggregate``: no series carries a user. Every family with a ``user_id`` label is left
   out, ``head_user_id`` is empty, and per-user health becomes the per-portal counts
-  ``bitrix24_collect_users`` and ``bitrix24_collect_success_users``. Department sums are
-  shown only where they cover groups of at least ``min_team_size`` users
+  ``bitrix24_collect_users`` and ``bitrix24_collect_success_users`` and the data age
+  ``bitrix24_collect_oldest_success_timestamp_seconds`` (the poller adds it in this
+  mode). Department sums are shown only where they cover groups of at least
+  ``min_team_size`` users
   (`exporter.teams.shown_departments`); log lines name no user.
 
 `Privacy.apply` is the one place a snapshot passes before anything leaves the process:

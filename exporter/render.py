@@ -152,6 +152,11 @@ def portal_blocks(snap: PortalSnapshot) -> dict[Family, bytes]:
             (metrics.COLLECT_SUCCESS_USERS, health.succeeded),
         ):
             lines[family].append(_line(family.name, family, (p, health.source), float(count)))
+        if health.oldest_success is not None:
+            oldest = metrics.COLLECT_OLDEST_SUCCESS
+            lines[oldest].append(
+                _line(oldest.name, oldest, (p, health.source), health.oldest_success)
+            )
     for user_id, name in snap.user_names:
         lines[metrics.USER_INFO].append(
             _line(metrics.USER_INFO.name, metrics.USER_INFO, (p, str(user_id), name), 1.0)

@@ -33,25 +33,37 @@ class SourceHealth:
     source: str
     users: int
     succeeded: int
+    # The oldest last success among them (Unix time); only in privacy mode aggregate, where
+    # it stands for the per-user timestamps.
+    oldest_success: float | None = None
 
 
 Owner = tuple[int, str]  # (user_id, source name)
 
 
-def health_of(fresh: Mapping[Owner, bool], up: bool) -> tuple[SourceHealth, ...]:
+def health_of(
+    fresh: Mapping[Owner, bool], up: bool, last_success: Mapping[Owner, float] | None = None
+) -> tuple[SourceHealth, ...]:
     """The per-source counts of a cycle's outcome (`fresh`: whether each (user, source)
-    was fetched), which outlive the privacy mode ``aggregate``. Counted from the outcome,
-    not from the statuses, so that those are still made only when first read.
+    was fetched), which outlive the privacy mode ``aggregate``; with `last_success`, also
+    the oldest last success of each source's users. Counted from the outcome, not from the
+    statuses, so that those are still made only when first read.
 
     >>> health_of({(1, "tasks"): True, (2, "tasks"): False}, up=True)
-    (SourceHealth(source='tasks', users=2, succeeded=1),)
+    (SourceHealth(source='tasks', users=2, succeeded=1, oldest_success=None),)
+    >>> health_of({(1, "tasks"): True, (2, "tasks"): False}, True, {(1, "tasks"): 9.0})[0]
+    SourceHealth(source='tasks', users=2, succeeded=1, oldest_success=9.0)
     """
     users: dict[str, int] = {}
     succeeded: dict[str, int] = {}
-    for (_, source), ok in fresh.items():
+    oldest: dict[str, float] = {}
+    for owner, ok in fresh.items():
+        source = owner[1]
         users[source] = users.get(source, 0) + 1
         succeeded[source] = succeeded.get(source, 0) + (ok and up)
-    return tuple(SourceHealth(s, users[s], succeeded[s]) for s in sorted(users))
+        if last_success is not None and (at := last_success.get(owner)) is not None:
+            oldest[source] = min(at, oldest.get(source, at))
+    return tuple(SourceHealth(s, users[s], succeeded[s], oldest.get(s)) for s in sorted(users))
 
 
 class Statuses(Sequence[Status]):

@@ -124,13 +124,29 @@ def dashboard_exprs(values: dict[str, str]) -> list[Expr]:
 _COMPARISON = re.compile(r"^(?P<inner>.*?)\s*(?:==|!=|>=|<=|>|<)\s*(?P<rhs>[^()]*?)\s*$", re.S)
 
 
+def _top_level_or(text: str) -> list[str]:
+    """`(a) or (b)` -> ["(a)", "(b)"]: the operands of `or` outside any parentheses."""
+    parts: list[str] = []
+    depth = start = 0
+    for at, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and re.match(r"\sor\s", text[at : at + 4]):
+            parts.append(text[start:at])
+            start = at + 4
+    return [*parts, text[start:]]
+
+
 def strip_threshold(expr: str) -> str:
     """`x > 5` -> `x`: the part of an alert expression that has series in normal operation.
 
     Only a trailing comparison against a number or a selector (no parentheses) is removed;
-    `a > ignoring(...) group_left () b` becomes `a`.
+    `a > ignoring(...) group_left () b` becomes `a`; each operand of a top-level `or` in
+    parentheses is stripped on its own.
     """
     text = expr.strip()
+    operands = [part.strip() for part in _top_level_or(text)]
+    if len(operands) > 1 and all(p.startswith("(") and p.endswith(")") for p in operands):
+        return " or ".join(f"({strip_threshold(p[1:-1])})" for p in operands)
     # A comparison whose right side has a vector-matching modifier.
     m = re.match(r"^(?P<inner>.*?)\s*(?:==|!=|>=|<=|>|<)\s*(?:ignoring|on)\s*\(", text, re.S)
     if m:

@@ -184,6 +184,10 @@ def test_contract_is_read() -> None:
         ("sum by (a) (increase(e[10m])) > 0", "sum by (a) (increase(e[10m]))"),
         ("time() - t\n  > ignoring (p) group_left ()\n2 * i", "time() - t"),
         ('absent(up{job="bitrix24"})', 'absent(up{job="bitrix24"})'),
+        (
+            "(\n  time() - t > ignoring (p) group_left () 2 * i\n)\nor\n(time() - o > on () 2 * i)",
+            "(time() - t) or (time() - o)",
+        ),
     ],
 )
 def test_strip_threshold(expr: str, stripped: str) -> None:

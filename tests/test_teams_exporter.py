@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -190,6 +191,9 @@ async def test_pseudonymous_mode_shows_no_user_id_and_no_name(
     ]
     assert [d["chat_id"] for d in dialogs] == [hashed(900102)]
     assert by_department(found["bitrix24_department_users"], source="tasks")[11] == len(MEMBERS)
+    # The per-user timestamps go out (pseudonymous), so the portal-wide data age does not.
+    assert "bitrix24_last_success_timestamp_seconds" in found
+    assert "bitrix24_collect_oldest_success_timestamp_seconds" not in found
 
 
 async def test_aggregate_mode_shows_no_person_and_no_group_under_the_minimum(
@@ -200,6 +204,7 @@ async def test_aggregate_mode_shows_no_person_and_no_group_under_the_minimum(
     sub-departments; the chat sums of the credential's lone user are not shown at all."""
     portal = company()
     portal.no_access_users.add(900124)  # a failing user: its log line names nobody
+    started = time.time()
     url = await served(portal)
     raw = raw_config(url, privacy={"mode": "aggregate", "min_team_size": 5}, im={"chats": True})
     metrics, landing, stderr = await run_until_departments(portal, exporter_process, raw)
@@ -247,3 +252,11 @@ async def test_aggregate_mode_shows_no_person_and_no_group_under_the_minimum(
         ("bitrix24_collect_users", "im"): 1,
         ("bitrix24_collect_success_users", "im"): 1,
     }
+    # The data age without the per-user timestamps: the oldest last success per source
+    # (the refused user has none, so it is one of the others'), from this run.
+    oldest = {
+        labels["source"]: value
+        for labels, value in found["bitrix24_collect_oldest_success_timestamp_seconds"]
+    }
+    assert set(oldest) == {"tasks", "im"}
+    assert all(started <= at <= time.time() for at in oldest.values())

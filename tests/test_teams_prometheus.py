@@ -43,6 +43,7 @@ NEW_RULES = (
     "job_portal_department_id:bitrix24_department_info:head",
     "job_portal_department_id:bitrix24_department_tasks_expired_per_user:ratio",
     "Bitrix24DepartmentTasksOverdue",
+    "Bitrix24DataStale",  # per user, or per portal and source in mode aggregate
 )
 NEW_VARIABLES = ("department", "role", "group")
 # Template values: every department (the variable's "All"), the default role and group.
@@ -76,7 +77,8 @@ def teams_row_titles() -> set[str]:
 
 
 def new_exprs() -> list[Expr]:
-    """Every PromQL expression the teams work added, with template values filled in."""
+    """Every PromQL expression the teams work added, and the alerts that must have data in
+    every privacy mode, with template values filled in."""
     titles = teams_row_titles()
     assert len(titles) == 4
     found = [
