@@ -46,6 +46,8 @@ NEW_RULES = (
     "Bitrix24DataStale",  # per user, or per portal and source in mode aggregate
 )
 NEW_VARIABLES = ("department", "role", "group")
+# Panels outside the Teams row that must show data in every privacy mode.
+EVERY_MODE_PANELS = ("Data age", "Data age per source")
 # Template values: every department (the variable's "All"), the default role and group.
 VALUES = {
     "__rate_interval": "1m",
@@ -84,11 +86,12 @@ def new_exprs() -> list[Expr]:
     found = [
         e
         for e in dashboard_exprs(VALUES)
-        if any(e.where.startswith(f"panel {t!r}") for t in titles)
+        if any(e.where.startswith(f"panel {t!r}") for t in (*titles, *EVERY_MODE_PANELS))
         or e.where in {f"variable {v}" for v in NEW_VARIABLES}
     ]
     found += [e for e in rule_exprs() if e.where.split()[-1] in NEW_RULES]
-    assert len(found) == 4 + len(NEW_VARIABLES) + len(NEW_RULES)
+    # The Teams row's 4 panels, the data age stat and the data age per source (2 targets).
+    assert len(found) == 4 + 3 + len(NEW_VARIABLES) + len(NEW_RULES)
     return found
 
 

@@ -352,8 +352,11 @@ OVERVIEW = [
     stat(
         "Data age",
         "Age of the oldest counter on this dashboard: now minus the oldest"
-        " bitrix24_last_success_timestamp_seconds. It grows when the exporter cannot poll.",
-        f"time() - min(bitrix24_last_success_timestamp_seconds{{{PU}}})",
+        " bitrix24_last_success_timestamp_seconds (in privacy mode aggregate, of"
+        " bitrix24_collect_oldest_success_timestamp_seconds). It grows when the exporter cannot"
+        " poll.",
+        f"time() - min(bitrix24_last_success_timestamp_seconds{{{PU}}}"
+        f" or bitrix24_collect_oldest_success_timestamp_seconds{{{P}}})",
         unit="s",
         steps=(("orange", 300), ("red", 900)),
     ),
@@ -553,12 +556,14 @@ HEALTH = [
     },
     timeseries(
         "Data age per source",
-        "Now minus the oldest successful fetch per portal and source (im, tasks). The dashed"
+        "Now minus the oldest successful fetch per portal and source (im, tasks), from the"
+        " per-user timestamps or, in privacy mode aggregate, the per-portal oldest. The dashed"
         " line is the Bitrix24DataStale threshold: two poll intervals.",
         [
             target(
                 "time() - min by (portal, source)"
-                f" (bitrix24_last_success_timestamp_seconds{{{P}}})",
+                f" (bitrix24_last_success_timestamp_seconds{{{P}}}"
+                f" or bitrix24_collect_oldest_success_timestamp_seconds{{{P}}})",
                 "{{portal}} {{source}}",
             ),
             target(
