@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +97,8 @@ async def portals() -> AsyncIterator[tuple[fakeportal.FakePortal, str, str]]:
 
 
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
+def prometheus(tmp_path: Path, processes: list[subprocess.Popen[bytes]]) -> Callable[[Path], int]:
     """Start Prometheus on a config file; returns its port; stopped by PID at the end."""
-    started: list[subprocess.Popen[bytes]] = []
 
     def start(config: Path) -> int:
         port = free_port()
@@ -109,17 +108,10 @@ def prometheus(tmp_path: Path) -> Iterator[Callable[[Path], int]]:
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
         ]
-        start_process(started, command, tmp_path / "prometheus.log")
+        start_process(processes, command, tmp_path / "prometheus.log")
         return port
 
-    yield start
-    for proc in started:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    return start
 
 
 async def test_dashboard_and_rules_against_real_prometheus(
