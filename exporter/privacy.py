@@ -33,15 +33,14 @@ import dataclasses
 import hashlib
 import hmac
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache, partial
-from typing import overload
 
 from exporter.config import Portal, PrivacyMode
 from exporter.lines import Block, Series, read_samples, unescape
 from exporter.mapping import Sample
 from exporter.metrics import IM_CHAT_UNREAD, Family
-from exporter.snapshot import PortalSnapshot, Status
+from exporter.snapshot import LazyStatuses, PortalSnapshot, Status
 
 # Labels whose value is a user id.
 USER_LABELS = frozenset({"user_id", "head_user_id"})
@@ -188,40 +187,16 @@ def _line_head(family: Family, values: Iterable[str]) -> str:
     return f"{family.name}{{{labels}}} "
 
 
-class Renamed(Sequence[Status]):
+class Renamed(LazyStatuses[tuple[Sequence[Status], Callable[[str], str]]]):
     """Statuses with their user ids as pseudonyms, made when first read (by the render
     thread, as the statuses themselves: a big portal has thousands)."""
 
     def __init__(self, statuses: Sequence[Status], user: Callable[[str], str]) -> None:
-        self._source: Sequence[Status] | None = statuses
-        self._user = user
-        self._made: tuple[Status, ...] = ()
+        super().__init__((statuses, user))
 
-    @property
-    def _statuses(self) -> tuple[Status, ...]:
-        source = self._source
-        if source is not None:
-            user = self._user
-            self._made = tuple(dataclasses.replace(s, user_id=user(str(s.user_id))) for s in source)
-            self._source = None
-        return self._made
+    def _count(self, inputs: tuple[Sequence[Status], Callable[[str], str]]) -> int:
+        return len(inputs[0])
 
-    @overload
-    def __getitem__(self, index: int) -> Status: ...
-    @overload
-    def __getitem__(self, index: slice) -> Sequence[Status]: ...
-    def __getitem__(self, index: int | slice) -> Status | Sequence[Status]:
-        return self._statuses[index]
-
-    def __len__(self) -> int:
-        return len(self._source) if self._source is not None else len(self._made)
-
-    def __iter__(self) -> Iterator[Status]:
-        return iter(self._statuses)
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence):
-            return tuple(self) == tuple(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]
+    def _make(self, inputs: tuple[Sequence[Status], Callable[[str], str]]) -> tuple[Status, ...]:
+        statuses, user = inputs
+        return tuple(dataclasses.replace(s, user_id=user(str(s.user_id))) for s in statuses)

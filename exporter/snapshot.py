@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Generic, TypeVar, overload
 
 from exporter.bitrix import ClientStats
 from exporter.lines import Series
@@ -66,47 +66,35 @@ def health_of(
     return tuple(SourceHealth(s, users[s], succeeded[s], oldest.get(s)) for s in sorted(users))
 
 
-class Statuses(Sequence[Status]):
-    """One status per (user, source) of a cycle, in order, made when first read.
+T = TypeVar("T")  # what a LazyStatuses makes its statuses from
 
-    A big portal has thousands; making them when the cycle ends held up the event loop
-    (and every scrape) for ~10 ms, so they are made by whoever reads them first, usually
-    the render thread. What they are made from is copied, so later cycles do not change it.
+
+class LazyStatuses(Sequence[Status], Generic[T]):
+    """Statuses made by whoever reads them first, usually the render thread: a big portal
+    has thousands, and making them where a cycle ends held up the event loop (and every
+    scrape) for ~10 ms. A subclass says how to make them, and how many they are, from what
+    it hands in; that is dropped once they are made.
+
+    The inputs are one object, set before and dropped after the statuses: a thread that
+    finds them gone finds the statuses, and two threads making them at once make the same.
     """
 
-    def __init__(
-        self,
-        fresh: Mapping[Owner, bool],
-        last: Mapping[Owner, float],
-        up: bool,
-        reasons: Mapping[Owner, str] | None = None,
-        cycle_error: str | None = None,
-    ) -> None:
-        self._fresh: dict[Owner, bool] | None = dict(fresh)
-        self._last = dict(last)
-        self._up = up
-        self._reasons = dict(reasons or {})
-        self._cycle_error = cycle_error
+    def __init__(self, inputs: T) -> None:
+        self._inputs: T | None = inputs
         self._made: tuple[Status, ...] = ()
+
+    def _make(self, inputs: T) -> tuple[Status, ...]:
+        raise NotImplementedError
+
+    def _count(self, inputs: T) -> int:
+        raise NotImplementedError
 
     @property
     def _statuses(self) -> tuple[Status, ...]:
-        fresh = self._fresh
-        if fresh is not None:
-            last, up, reasons, error = self._last, self._up, self._reasons, self._cycle_error
-            self._made = tuple(
-                Status(
-                    user_id,
-                    source,
-                    ok and up,
-                    last.get((user_id, source)),
-                    None if ok and up else reasons.get((user_id, source)) or error,
-                )
-                for (user_id, source), ok in sorted(fresh.items())
-            )
-            self._fresh = None
-            self._last = {}
-            self._reasons = {}
+        inputs = self._inputs
+        if inputs is not None:
+            self._made = self._make(inputs)
+            self._inputs = None
         return self._made
 
     @overload
@@ -117,7 +105,8 @@ class Statuses(Sequence[Status]):
         return self._statuses[index]
 
     def __len__(self) -> int:
-        return len(self._fresh) if self._fresh is not None else len(self._made)
+        inputs = self._inputs
+        return self._count(inputs) if inputs is not None else len(self._made)
 
     def __iter__(self) -> Iterator[Status]:
         return iter(self._statuses)
@@ -130,7 +119,48 @@ class Statuses(Sequence[Status]):
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return f"Statuses({list(self)!r})"
+        return f"{type(self).__name__}({list(self)!r})"
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a cycle's statuses are made from (copied, so later cycles do not change it)."""
+
+    fresh: dict[Owner, bool]
+    last: dict[Owner, float]
+    up: bool
+    reasons: dict[Owner, str]
+    cycle_error: str | None
+
+
+class Statuses(LazyStatuses[_Outcome]):
+    """One status per (user, source) of a cycle, in order, made when first read."""
+
+    def __init__(
+        self,
+        fresh: Mapping[Owner, bool],
+        last: Mapping[Owner, float],
+        up: bool,
+        reasons: Mapping[Owner, str] | None = None,
+        cycle_error: str | None = None,
+    ) -> None:
+        super().__init__(_Outcome(dict(fresh), dict(last), up, dict(reasons or {}), cycle_error))
+
+    def _count(self, inputs: _Outcome) -> int:
+        return len(inputs.fresh)
+
+    def _make(self, inputs: _Outcome) -> tuple[Status, ...]:
+        last, up, reasons, error = inputs.last, inputs.up, inputs.reasons, inputs.cycle_error
+        return tuple(
+            Status(
+                user_id,
+                source,
+                ok and up,
+                last.get((user_id, source)),
+                None if ok and up else reasons.get((user_id, source)) or error,
+            )
+            for (user_id, source), ok in sorted(inputs.fresh.items())
+        )
 
 
 @dataclass(frozen=True)
