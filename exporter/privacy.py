@@ -153,21 +153,27 @@ class Privacy:
         return hidden.encode("utf-8")
 
     def _hide_line(self, family: Family, plan: tuple[int, ...], line: re.Match[str]) -> str:
-        values = list(line.groups())
-        for i in plan:
-            # Pseudonyms are hex digits and need no escaping.
-            values[i] = self._user(unescape(values[i])) if self.mode == "pseudonymous" else ""
-        if family is IM_CHAT_UNREAD and unescape(values[2]).startswith("dialog"):
-            values[3] = self._user(unescape(values[3]))  # the other person's user id
-        return _line_head(family, values)
+        # Values as written in the line: read unescaped; pseudonyms (hex) need no escaping.
+        return _line_head(family, self._hidden_labels(family, plan, line.groups(), unescape))
 
     def _hide(self, sample: Sample, plan: tuple[int, ...]) -> Sample:
-        labels = list(sample.labels)
-        for i in plan:
-            labels[i] = self._user(labels[i]) if self.mode == "pseudonymous" else ""
-        if sample.family is IM_CHAT_UNREAD and labels[2].startswith("dialog"):
-            labels[3] = self._user(labels[3])  # a dialog's chat_id is the other person's id
+        labels = self._hidden_labels(sample.family, plan, sample.labels, str)
         return Sample(sample.family, tuple(labels), sample.value)
+
+    def _hidden_labels(
+        self,
+        family: Family,
+        plan: tuple[int, ...],
+        values: Iterable[str],
+        read: Callable[[str], str],
+    ) -> list[str]:
+        """`values` with the user labels at `plan` hidden; `read` gives a value's text."""
+        hidden = list(values)
+        for i in plan:
+            hidden[i] = self._user(read(hidden[i])) if self.mode == "pseudonymous" else ""
+        if family is IM_CHAT_UNREAD and read(hidden[2]).startswith("dialog"):
+            hidden[3] = self._user(read(hidden[3]))  # a dialog's chat_id is the other person's id
+        return hidden
 
 
 # A label value as written in a line: anything but a bare quote or backslash, or an escape.
